@@ -1,0 +1,80 @@
+"""Run a function on N local processes joined in a torch.distributed group (tests, parity tools, demo).
+
+Each child gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the
+function under test goes through the same initialisation path as a `torchrun` launch. Results come back
+in rank order; a failure in any rank is re-raised in the parent with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    """A spawned rank raised; the message holds its rank and traceback."""
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface, for MASTER_PORT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        queue.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its rank
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0,
+              env: dict[str, str] | None = None) -> list[Any]:
+    """Run `fn(*args)` on `world_size` spawned processes; return the per-rank results in rank order.
+
+    `fn` must be importable (module level) and its result picklable. `env` is added to each child's
+    environment (e.g. OMP_NUM_THREADS).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    child_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, child_env), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+                break  # peers may now hang in a collective; stop waiting for them
+    except Exception as exc:  # queue.Empty on timeout
+        failures.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}: {exc!r}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failures else 60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if failures:
+        raise RankFailed("\n".join(failures))
+    return [results[r] for r in range(world_size)]
