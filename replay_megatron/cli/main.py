@@ -1,24 +1,30 @@
-"""`replay-megatron` console entry point: one subcommand per module in `replay_megatron.cli`.
+"""`replay-megatron` console entry point: every other module in `replay_megatron.cli` is a subcommand.
 
-Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
-Modules are imported lazily, so `replay-megatron plan` never imports torch_npu or builds a model.
+A subcommand module `cli/foo_bar.py` becomes `replay-megatron foo-bar`; it defines `HELP` (one line),
+`add_arguments(parser)` and `run(args) -> int`, and keeps heavy imports (torch, megatron) inside `run`,
+so `replay-megatron plan` needs no device stack.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
-SUBCOMMANDS: dict[str, str] = {
-    # name -> module under replay_megatron.cli; a subcommand appears here once its module exists.
-}
+import replay_megatron.cli as _cli_package
+
+
+def subcommands() -> dict[str, str]:
+    """Subcommand name -> module name, discovered from the modules of `replay_megatron.cli`."""
+    names = sorted(m.name for m in pkgutil.iter_modules(_cli_package.__path__) if not m.name.startswith("_"))
+    return {n.replace("_", "-"): n for n in names if n != "main"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="replay-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    for name, module_name in subcommands().items():
         module = importlib.import_module(f"replay_megatron.cli.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
