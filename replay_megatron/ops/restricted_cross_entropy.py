@@ -1,0 +1,241 @@
+"""Restricted (renormalised) cross entropy of Logits Replay Stage 1 (SPEC.md section 2), vocab-parallel.
+
+For a stored position t with candidate set S_t (gold x_t in S_t), final hidden state h_t and output
+weight W:
+
+    zr_j = h_t . W_j  (j in S_t only)          L_t = logsumexp_{j in S_t} zr_j - zr_{x_t}
+
+Only the |S_t| candidate rows of W are gathered, chunk by chunk over positions, so no [N, V] (nor
+[N, V_local]) logits exist and the extra memory is O(chunk * C * H) plus O(N * C) per-candidate numbers.
+
+Vocab parallel (`tp_group` given): this rank holds rows `vocab_start .. vocab_start + V_local - 1` of W;
+candidates outside them are masked locally. The ranks exchange per-position scalars only (SPEC.md
+section 2): one MAX all-reduce of the local maxima [N], then one SUM all-reduce of the packed
+[local sum-exp, local gold logit] [2, N].
+
+Gradient contract under TP, as megatron-core's ColumnParallelLinear: `dh` is this rank's PARTIAL
+sum_j dzr_j W_j over its own candidate rows. The caller must feed `hidden` through an op whose backward
+all-reduces over TP, e.g. `megatron.core.tensor_parallel.copy_to_tensor_model_parallel_region(hidden)`
+(what ColumnParallelLinear does to its input without sequence parallelism). `dW` lands on this rank's
+rows only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+_CHUNK_BYTES = 64 << 20  # default budget for one chunk's gathered fp32 candidate rows [chunk, C, H]
+
+
+class CandidateBackend(Protocol):
+    """The two heavy steps of the op; everything between them (collectives, softmax) is shared torch."""
+
+    def logits_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                         q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local candidate logits zr [N, C] fp32 (-inf where rows < 0) and, per position, the local
+        max m, sum exp(zr - m) s (0 when no local candidate) and target-weighted logit sum(q * zr)."""
+
+    def grads(self, dzr: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+              need_dh: bool, need_dw: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """dh [N, H] = sum_j dzr_j W_rows_j and dW [V_local, H] += dzr_j h (fp32; None when not needed)."""
+
+
+def local_softmax_stats(zr: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, sum exp(zr - max), sum q * zr) per row of masked logits zr (-inf = masked, q = 0 there)."""
+    m = zr.amax(dim=1)
+    s = torch.exp(zr - _finite_or_zero(m)[:, None]).sum(dim=1)
+    gold = (q * torch.where(torch.isfinite(zr), zr, 0.0)).sum(dim=1)
+    return m, s, gold
+
+
+class TorchCandidates:
+    """PyTorch path: gather the candidate rows of W for `chunk_size` positions at a time."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def _chunks(self, n: int):
+        return ((s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size))
+
+    def logits_and_stats(self, hidden, weight, rows, q):
+        zr = torch.empty(rows.shape, dtype=torch.float32, device=hidden.device)
+        for s, e in self._chunks(rows.shape[0]):
+            w = weight[rows[s:e].clamp(min=0)].float()  # [c, C, H]
+            zr[s:e] = torch.bmm(w, hidden[s:e].float().unsqueeze(-1)).squeeze(-1)
+        zr.masked_fill_(rows < 0, float("-inf"))
+        return (zr, *local_softmax_stats(zr, q))
+
+    def grads(self, dzr, hidden, weight, rows, need_dh, need_dw):
+        dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        for s, e in self._chunks(rows.shape[0]):
+            r, dz = rows[s:e].clamp(min=0), dzr[s:e]  # dz is exactly 0 where rows < 0
+            if need_dh:
+                dh[s:e] = torch.bmm(dz.unsqueeze(1), weight[r].float()).squeeze(1)
+            if need_dw:
+                outer = dz.unsqueeze(-1) * hidden[s:e].float().unsqueeze(1)  # [c, C, H]
+                dw.index_add_(0, r.reshape(-1), outer.reshape(-1, outer.shape[-1]))
+        return dh, dw
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _global_lse_and_target_logit(m: torch.Tensor, s: torch.Tensor, gold: torch.Tensor,
+                                 tp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC.md section 2 collectives: MAX of the local maxima, then ONE SUM of [rescaled sum-exp, gold].
+
+    Returns (lse, target logit, nonempty) per position; a row with no candidate on any rank (an ignored
+    row) has nonempty False and lse 0.
+    """
+    m_glob = m.clone()
+    if tp_group is not None:
+        dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=tp_group)
+    m_glob = _finite_or_zero(m_glob)
+    packed = torch.stack([s * torch.exp(m - m_glob), gold])  # this rank's sum-exp rescaled to the global max
+    if tp_group is not None:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+    s_glob, gold_glob = packed
+    nonempty = s_glob > 0
+    lse = torch.where(nonempty, m_glob + torch.log(torch.where(nonempty, s_glob, 1.0)), 0.0)
+    return lse, gold_glob, nonempty
+
+
+class _RestrictedCrossEntropy(torch.autograd.Function):
+    """loss_t = lse_S(zr) - sum_j q_tj zr_j; backward dzr = softmax_S(zr) - q (SPEC.md section 2)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, q, tp_group, backend: CandidateBackend):
+        zr, m, s, gold = backend.logits_and_stats(hidden, weight, rows, q)
+        lse, gold, nonempty = _global_lse_and_target_logit(m, s, gold, tp_group)
+        loss = torch.where(nonempty, lse - gold, 0.0)
+        # softmax_S(zr) - q, kept [N, C] (O(N*C), like the candidate ids) so backward needs no logits again
+        zr.sub_(lse[:, None]).exp_().sub_(q)
+        ctx.save_for_backward(hidden, weight, rows, zr)
+        ctx.backend = backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, rows, p_minus_q = ctx.saved_tensors
+        dzr = p_minus_q * grad_loss.float().unsqueeze(1)
+        dh, dw = ctx.backend.grads(dzr, hidden, weight, rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None, None, None, None)
+
+
+def _check_inputs(hidden, weight, candidates, targets, target_probs, vocab_start: int, world: int) -> None:
+    """Shapes, dtypes and the invariants Stage 0 guarantees; every message names the field and row."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"restricted_cross_entropy: hidden {tuple(hidden.shape)} must be [N, H] and weight "
+                         f"{tuple(weight.shape)} [V_local, H] with the same H")
+    n = hidden.shape[0]
+    if candidates.dim() != 2 or candidates.shape[0] != n or targets.shape != (n,):
+        raise ValueError(f"restricted_cross_entropy: candidates {tuple(candidates.shape)} must be [N, C] and "
+                         f"targets {tuple(targets.shape)} [N] with N = {n}")
+    if candidates.dtype.is_floating_point or targets.dtype.is_floating_point:
+        raise ValueError("restricted_cross_entropy: candidates and targets must be integer token ids")
+    if target_probs is not None and target_probs.shape != candidates.shape:
+        raise ValueError(f"restricted_cross_entropy: target_probs {tuple(target_probs.shape)} must match "
+                         f"candidates {tuple(candidates.shape)}")
+    # Without TP this process holds the whole (restricted) vocabulary, so every candidate must be local.
+    lo, hi = (0, weight.shape[0] * world) if world > 1 else (vocab_start, vocab_start + weight.shape[0])
+    pad = candidates == -1
+    bad = ~pad & ((candidates < lo) | (candidates >= hi))
+    _raise_on_first(bad.any(dim=1), f"has a candidate id outside [{lo}, {hi}) (padding is -1)")
+    _raise_on_first(targets < -1, "has a target id below -1 (-1 marks an ignored row)")
+    ordered = candidates.sort(dim=1).values
+    _raise_on_first(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1),
+                    "has a duplicate candidate id")
+    valid = targets >= 0
+    _raise_on_first(valid & ~(candidates == targets[:, None]).any(dim=1),
+                    "has a target that is not among its candidates (Stage 0 always appends the gold)")
+    if target_probs is not None:
+        mass = torch.where(pad, 0.0, target_probs.float()).sum(dim=1)
+        _raise_on_first(valid & ((mass - 1).abs() > 1e-4), "has target_probs on its candidates not summing to 1")
+
+
+def _raise_on_first(bad_rows: torch.Tensor, what: str) -> None:
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        raise ValueError(f"restricted_cross_entropy: row {row} {what} ({int(bad_rows.sum())} such rows)")
+
+
+def _select_backend(device: torch.device, backend: str, chunk_size: int) -> CandidateBackend:
+    """'auto' = the Triton kernel on CUDA/NPU when triton imports, else the PyTorch path."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"restricted_cross_entropy: backend must be auto, torch or triton, not {backend!r}")
+    if backend == "triton" or (backend == "auto" and device.type in ("cuda", "npu")):
+        try:
+            from replay_megatron_kernels.restricted_ce import TritonCandidates
+        except ImportError:
+            if backend == "triton":
+                raise
+        else:
+            return TritonCandidates()
+    return TorchCandidates(chunk_size)
+
+
+def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
+                             targets: torch.Tensor, *, vocab_start: int = 0, tp_group=None,
+                             chunk_size: Optional[int] = None, target_probs: Optional[torch.Tensor] = None,
+                             backend: str = "auto") -> torch.Tensor:
+    """Per-position restricted cross entropy [N] (fp32) on the candidate sets (SPEC.md section 2).
+
+    hidden [N, H]; weight [V_local, H], rows vocab_start.. of the global vocabulary; candidates [N, C]
+    global ids padded with -1 (no duplicates); targets [N] global ids, -1 = ignored row (loss 0, no
+    gradient). Computed in fp32 whatever the input dtype; gradients come back in the input dtypes.
+    Reduction (per-token mean over the global batch) is the caller's.
+
+    tp_group: the tensor-parallel group over which the vocabulary is split; the returned loss is the
+    global one on every rank, dh is this rank's partial (see the module docstring).
+    chunk_size: positions per chunk of the PyTorch path (default: 64 MiB of gathered fp32 rows).
+    target_probs: optional [N, C] distribution on the candidates (zero on padding, rows summing to 1)
+    used instead of the one-hot gold: loss = lse - sum_j q_j zr_j (a soft-target CE with the same
+    scalar-only traffic; treated as a constant). `restricted_kl_divergence` builds it from teacher logits.
+    backend: 'auto', 'torch' or 'triton' (kernels/restricted_ce.py).
+    """
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    _check_inputs(hidden, weight, candidates, targets, target_probs, vocab_start, world)
+    candidates, targets = candidates.long(), targets.long()
+    local = candidates - vocab_start
+    in_shard = (targets >= 0)[:, None] & (candidates >= 0) & (local >= 0) & (local < weight.shape[0])
+    rows = torch.where(in_shard, local, -1)
+    if target_probs is None:
+        q = (candidates == targets[:, None]) & in_shard
+    else:
+        q = torch.where(in_shard, target_probs, 0.0)
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_BYTES // max(1, candidates.shape[1] * hidden.shape[1] * 4))
+    if chunk_size < 1:
+        raise ValueError(f"restricted_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    return _RestrictedCrossEntropy.apply(hidden, weight, rows, q.float(), tp_group,
+                                         _select_backend(hidden.device, backend, chunk_size))
+
+
+def renormalized_teacher(teacher_logits: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, log-probs) [N, C] fp32 of stored teacher logits renormalised over each candidate set;
+    0 and 0 at padding (and on rows with no candidate)."""
+    pad = candidates < 0
+    log_q = torch.log_softmax(teacher_logits.float().masked_fill(pad, float("-inf")), dim=1)
+    log_q = torch.where(pad, 0.0, log_q).nan_to_num(0.0)
+    return torch.where(pad, 0.0, log_q.exp()), log_q
+
+
+def restricted_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
+                             targets: torch.Tensor, teacher_logits: torch.Tensor, *, vocab_start: int = 0,
+                             tp_group=None, chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-position KL(q_teacher || p_student) [N] on S_t, both renormalised over the candidates.
+
+    The optional KL term of SPEC.md section 2: KL = soft-target CE(q) - H(q), so it reuses the op and
+    its two scalar all-reduces. teacher_logits [N, C] are the stored candidate logits (any float dtype);
+    rows with target -1 give 0. Mix with the CE as (1 - a) * CE + a * KL (or in one call of
+    `restricted_cross_entropy` with target_probs = (1 - a) * onehot + a * q, minus a * H(q)).
+    """
+    q, log_q = renormalized_teacher(teacher_logits, candidates)
+    soft_ce = restricted_cross_entropy(hidden, weight, candidates, targets, vocab_start=vocab_start,
+                                       tp_group=tp_group, chunk_size=chunk_size, target_probs=q, backend=backend)
+    return torch.where(targets >= 0, soft_ce + (q * log_q).sum(dim=1), 0.0)
