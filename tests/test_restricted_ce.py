@@ -27,7 +27,7 @@ def make_case(seed: int, n: int = 37, h: int = 24, v: int = 53, c: int = 9, dtyp
         candidates[i, torch.randperm(c, generator=g)[:k]] = ids  # padding interleaved, not only trailing
         targets[i] = ids[int(torch.randint(0, k, (1,), generator=g))]
     targets[3::7] = -1
-    candidates[3] = -1  # an ignored row with no candidate at all
+    candidates[3:4] = -1  # an ignored row with no candidate at all (when n > 3)
     teacher = 2 * torch.randn(n, c, generator=g)
     return hidden, weight, candidates, targets, teacher
 
