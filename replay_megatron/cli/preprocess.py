@@ -1,0 +1,44 @@
+"""`replay-megatron preprocess`: JSONL instruction data or plain text -> token store with loss masks."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "tokenize JSONL instruction data (or plain text) into a token store with loss masks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="JSONL file ({prompt, response[, id]} per line) or text file")
+    parser.add_argument("--tokenizer", required=True,
+                        help="sentencepiece .model file, or a Hugging Face tokenizer directory (chat template used)")
+    parser.add_argument("--out", required=True, help="token store directory to write")
+    parser.add_argument("--seq-length", type=int, required=True, help="model sequence length; longer samples are truncated")
+    parser.add_argument("--format", choices=("instruction", "text"), default="instruction")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add the samples to an existing store")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from replay_megatron.data.preprocess import DataError, preprocess
+
+    mode = "append" if args.append else "overwrite" if args.overwrite else "create"
+    try:
+        meta = preprocess(args.input, args.tokenizer, args.out, args.seq_length, fmt=args.format,
+                          workers=args.workers, mode=mode, progress=False if args.no_progress else None)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"replay-megatron preprocess: error: {e}", file=sys.stderr)
+        return 2
+    source = meta["sources"][-1]
+    print(f"{args.out}: {source['num_samples']} samples added ({meta['num_samples']} in store, "
+          f"{meta['num_tokens']} tokens, {meta['num_loss_tokens']} loss-bearing), "
+          f"fingerprint {meta['fingerprint'][:16]}")
+    if source["truncated"]:
+        print(f"warning: {source['truncated']} samples were longer than seq_length + 1 = {args.seq_length + 1} "
+              f"tokens and were truncated", file=sys.stderr)
+    if source["samples_without_loss"]:
+        print(f"warning: {source['samples_without_loss']} samples have no loss-bearing token "
+              f"(prompt fills the sequence)", file=sys.stderr)
+    return 0
