@@ -119,3 +119,15 @@ def test_tokenizer_training_is_deterministic_and_fits_demo_samples_in_128_tokens
     rows = [r for s in SPLIT_FILES for r in _load(demo, s)]
     lengths = [len(tok.encode_instruction(r["prompt"], r["response"])[0]) for r in rows]
     assert max(lengths) <= 128
+
+
+def test_make_demo_data_cli_writes_data_and_tokenizer(tmp_path, capsys):
+    from replay_megatron.cli.main import main
+
+    args = ["make-demo-data", "--out", str(tmp_path), "--general-train", "60", "--general-heldout", "10",
+            "--domain-train", "30", "--domain-heldout", "10", "--num-databases", "3", "--vocab-size", "400"]
+    assert main(args) == 0
+    assert "generated (general_heldout 10, general_train 60, domain_heldout 10, domain_train 30)" in \
+        capsys.readouterr().out
+    assert SentencePieceTokenizer(tmp_path / "tokenizer.model").vocab_size <= 400
+    assert main(args) == 0 and "reused" in capsys.readouterr().out
