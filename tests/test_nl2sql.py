@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from replay_megatron.demo.execution import SQLExecutionError, execution_accuracy, same_result
+from replay_megatron.demo.execution import SQLExecutionError, execution_accuracy, execution_matches, same_result
 
 
 @pytest.fixture()
@@ -50,7 +50,10 @@ def test_execution_match(pred, gold, expected, db_dir):
 def test_accuracy_is_the_fraction_of_matches(db_dir):
     samples = [{"id": i, "db_id": "db0", "response": LIST_SALES} for i in range(4)]
     preds = [LIST_SALES, "bad sql", LIST_SALES, "SELECT 1"]
+    assert execution_matches(preds, samples, db_dir) == [True, False, True, False]
     assert execution_accuracy(preds, samples, db_dir) == 0.5
+    with pytest.raises(ValueError, match="at least one sample"):
+        execution_accuracy([], [], db_dir)
 
 
 def test_predictions_cannot_write_or_create_files(db_dir, tmp_path_factory):

@@ -1,8 +1,9 @@
 """Execution accuracy for NL2SQL (SPEC.md section 5, domain metric): run predicted and gold SQL, compare.
 
 A prediction is right when its result equals the gold query's result on the sample's database: as a
-multiset of rows, or as a sequence when the gold query has ORDER BY. Predictions run read-only with a
-time limit and a row cap, on a connection that authorises only reading; any error (syntax, unknown column, timeout, several statements) counts as wrong.
+multiset of rows, or as a sequence when the gold query has ORDER BY. Predictions run on a read-only
+connection whose authorizer allows only reading (no ATTACH, PRAGMA or writes), with a time limit and a
+row cap; any error (syntax, unknown column, timeout, several statements) counts as wrong.
 """
 from __future__ import annotations
 
@@ -59,16 +60,14 @@ def same_result(predicted: list[tuple], gold: list[tuple], ordered: bool) -> boo
     return p == g if ordered else Counter(p) == Counter(g)
 
 
-def execution_accuracy(predictions: Sequence[str], samples: Sequence[Mapping], db_dir: str | Path,
-                       timeout_s: float = 2.0) -> float:
-    """Fraction of `predictions` whose result equals that of `samples[i]["response"]` (the gold SQL) on
-    `db_dir/<samples[i]["db_id"]>.sqlite`. A failing gold query is a data error and raises."""
+def execution_matches(predictions: Sequence[str], samples: Sequence[Mapping], db_dir: str | Path,
+                      timeout_s: float = 2.0) -> list[bool]:
+    """Per sample: does `predictions[i]` give the result of `samples[i]["response"]` (the gold SQL) on
+    `db_dir/<samples[i]["db_id"]>.sqlite`? A failing gold query is a data error and raises."""
     if len(predictions) != len(samples):
         raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("execution_accuracy needs at least one sample")
     conns: dict[str, sqlite3.Connection] = {}
-    correct = 0
+    matches = []
     try:
         for pred, sample in zip(predictions, samples):
             db_id = sample["db_id"]
@@ -80,10 +79,19 @@ def execution_accuracy(predictions: Sequence[str], samples: Sequence[Mapping], d
             except SQLExecutionError as e:
                 raise SQLExecutionError(f"gold SQL of sample {sample.get('id')!r} fails on {db_id}: {e}") from e
             try:
-                correct += same_result(run_sql(conn, pred, timeout_s), gold, bool(_ORDER_BY.search(gold_sql)))
+                matches.append(same_result(run_sql(conn, pred, timeout_s), gold, bool(_ORDER_BY.search(gold_sql))))
             except SQLExecutionError:
-                pass
+                matches.append(False)
     finally:
         for conn in conns.values():
             conn.close()
-    return correct / len(samples)
+    return matches
+
+
+def execution_accuracy(predictions: Sequence[str], samples: Sequence[Mapping], db_dir: str | Path,
+                       timeout_s: float = 2.0) -> float:
+    """The fraction of `execution_matches` that hold (the demo's domain metric)."""
+    if not samples:
+        raise ValueError("execution_accuracy needs at least one sample")
+    matches = execution_matches(predictions, samples, db_dir, timeout_s)
+    return sum(matches) / len(matches)
