@@ -205,9 +205,18 @@ def test_cli_plan_world_size_over_and_errors(capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("verdict: OVER")
     assert main(["plan", PAPER_4B, "--world-size", "6"]) == 2
     assert "world size 6 is not divisible by TP x PP = 4 x 1 = 4" in capsys.readouterr().err
-    assert main(["plan", PAPER_4B, "--stage", "collect", "--train-tokens", "1000000"]) == 0
+    assert main(["plan", PAPER_4B, "--stage", "collect", "--train-data", "1000000", "900"]) == 0
     out = capsys.readouterr().out
-    assert "Stage 1" not in out and "for 1,000,000 loss-bearing tokens: 500,000 stored positions" in out
+    assert "Stage 1" not in out and "for 1,000,000 loss-bearing tokens in 900 samples: 500,000 stored positions" \
+        in out
+
+
+def test_cli_plan_sizes_the_store_from_the_token_store(tmp_path, capsys):
+    (tmp_path / "tokens" / "sft_train").mkdir(parents=True)
+    (tmp_path / "tokens" / "sft_train" / "meta.json").write_text('{"num_loss_tokens": 4000, "num_samples": 10}')
+    assert main(["plan", PAPER_4B, f"run.data_root={tmp_path}", "collect.positions.amount=64"]) == 0
+    out = capsys.readouterr().out
+    assert "for 4,000 loss-bearing tokens in 10 samples: at most 640 stored positions" in out
 
 
 def test_plan_subcommand_imports_no_megatron():

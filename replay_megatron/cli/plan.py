@@ -22,15 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory per device in GiB (default 64: Ascend 910B3)")
     parser.add_argument("--stage", choices=("all", "train", "collect"), default="all",
                         help="which stage's memory to estimate and judge (default both)")
-    parser.add_argument("--train-tokens", type=int, default=None,
-                        help="loss-bearing tokens in data.train, to size the whole replay store")
+    parser.add_argument("--train-data", type=int, default=None, nargs=2, metavar=("TOKENS", "SAMPLES"),
+                        help="loss-bearing tokens and samples of data.train, to size the whole replay store "
+                             "(default: read from data.train's meta.json when it exists)")
     parser.add_argument("--fail-if-over", action="store_true", help="exit 1 when the estimate exceeds the device")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, print the plan."""
     from replay_megatron.config import ConfigError, load_config
-    from replay_megatron.config.plan import format_plan, make_plan
+    from replay_megatron.config.plan import format_plan, make_plan, train_data_counts
 
     if args.world_size is not None and args.world_size < 1:
         print(f"--world-size must be >= 1 (got {args.world_size})", file=sys.stderr)
@@ -42,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     plan = make_plan(cfg, args.world_size, args.device_memory_gb)
     print(f"config: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
-    print(format_plan(plan, args.stage, args.train_tokens))
+    train_data = tuple(args.train_data) if args.train_data else train_data_counts(cfg)
+    print(format_plan(plan, args.stage, train_data))
     return 1 if args.fail_if_over and not plan.fits(args.stage) else 0

@@ -4,9 +4,11 @@ Pure arithmetic on the config and the model shape (params.py, memory.py): no dev
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from replay_megatron.config.checks import world_and_dp
+from replay_megatron.config.loader import validate_config
 from replay_megatron.config.memory import (MemoryEstimate, collect_memory, full_logits_bytes_per_position,
                                            store_bytes_per_position, train_memory)
 from replay_megatron.config.model_shape import ModelShape, model_shape
@@ -54,7 +56,11 @@ class Plan:
 
 
 def make_plan(cfg: ReplayConfig, world_size: int | None = None, device_memory_gib: float = 64.0) -> Plan:
-    """The plan of a validated config at `world_size` ranks (None: TP x PP) on devices of `device_memory_gib`."""
+    """The plan of a config at `world_size` ranks (None: TP x PP) on devices of `device_memory_gib`.
+
+    Raises ConfigError when the config does not fit that world size (TP/PP/batch divisibility).
+    """
+    validate_config(cfg, world_size)
     shape = model_shape(cfg)
     _, dp = world_and_dp(cfg, world_size)
     p = cfg.parallel
@@ -65,13 +71,24 @@ def make_plan(cfg: ReplayConfig, world_size: int | None = None, device_memory_gi
     return Plan(cfg, shape, layout, model_params(shape), stages, int(device_memory_gib * GIB))
 
 
-def format_plan(plan: Plan, which: str = "all", train_tokens: int | None = None) -> str:
-    """The human-readable plan; `which` is all | train | collect; `train_tokens` sizes the whole store."""
+def train_data_counts(cfg: ReplayConfig) -> tuple[int, int] | None:
+    """(loss-bearing tokens, samples) of `data.train` from its token store's meta.json, None if not there."""
+    path = cfg.input_path(cfg.data.train)
+    try:
+        meta = json.loads((path / "meta.json").read_text()) if path is not None else None
+        return (int(meta["num_loss_tokens"]), int(meta["num_samples"])) if meta else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def format_plan(plan: Plan, which: str = "all", train_data: tuple[int, int] | None = None) -> str:
+    """The human-readable plan; `which` is all | train | collect; `train_data` = (loss-bearing tokens,
+    samples) of the training set sizes the whole replay store."""
     lines = _model_lines(plan) + _layout_lines(plan) + _param_lines(plan)
     if which in ("all", "train"):
         lines += _train_lines(plan)
     if which in ("all", "collect"):
-        lines += _collect_lines(plan, train_tokens)
+        lines += _collect_lines(plan, train_data)
     peak = max(plan.train_peak if which != "collect" else 0, plan.collect_peak if which != "train" else 0)
     verdict = "OK" if plan.fits(which) else "OVER"
     lines.append(f"verdict: {verdict} (peak {_gib(peak)} of {_gib(plan.device_memory)} per device)")
@@ -132,7 +149,7 @@ def _train_lines(plan: Plan) -> list[str]:
     return out
 
 
-def _collect_lines(plan: Plan, train_tokens: int | None) -> list[str]:
+def _collect_lines(plan: Plan, train_data: tuple[int, int] | None) -> list[str]:
     c = plan.cfg.collect
     out = [f"Stage 0 (collect): tau {c.tau}, K_max {c.k_max}, positions {c.positions.strategy} "
            f"(amount {c.positions.amount}), micro-batch {c.micro_batch_size}, logits stored: {c.store_logits}"]
@@ -144,10 +161,14 @@ def _collect_lines(plan: Plan, train_tokens: int | None) -> list[str]:
     out.append(f"  replay store: <= {worst:,} B per stored position (|S| = K_max+1 = {c.k_max + 1}), "
                f"{typical:,} B at |S| = {median} (the paper's median, capped); full fp16 logits: "
                f"{full:,} B ({100 * typical / full:.2f}% .. {100 * worst / full:.2f}%)")
-    if train_tokens is not None and isinstance(c.positions.amount, float):
-        positions = int(train_tokens * (1.0 if c.positions.strategy == "all" else c.positions.amount))
-        out.append(f"  for {train_tokens:,} loss-bearing tokens: {positions:,} stored positions, "
-                   f"{_gib(positions * typical)} .. {_gib(positions * worst)}")
+    if train_data is not None:
+        tokens, samples = train_data
+        amount = c.positions.amount
+        positions = (tokens if c.positions.strategy == "all" else
+                     int(tokens * amount) if isinstance(amount, float) else min(tokens, amount * samples))
+        bound = "" if isinstance(amount, float) or c.positions.strategy == "all" else "at most "
+        out.append(f"  for {tokens:,} loss-bearing tokens in {samples:,} samples: {bound}{positions:,} stored "
+                   f"positions, {_gib(positions * typical)} .. {_gib(positions * worst)}")
     return out
 
 

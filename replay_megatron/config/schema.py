@@ -83,10 +83,12 @@ class ParallelSection(Section):
 
 
 class PreprocessSection(Section):
-    train_input: str | None = Field(None, description="raw training data for `preprocess`: JSONL (chat) or text")
+    train_input: str | None = Field(None, description="raw training data for `preprocess`: JSONL instruction "
+                                                      "data or plain text")
     eval_input: str | None = Field(None, description="raw held-out data for `preprocess` (optional)")
-    format: Literal["chat", "text"] = Field("chat", description="chat = JSONL instruction data, loss on responses "
-                                                                "(chat template); text = plain text, loss on all")
+    format: Literal["instruction", "text"] = Field("instruction", description="instruction = JSONL "
+                                                   "{prompt, response}, loss on responses (chat template); "
+                                                   "text = plain text, loss on every token")
 
 
 class DataSection(Section):
