@@ -77,7 +77,8 @@ def test_tp2_equals_tp1_with_bounded_traffic() -> None:
             assert torch.equal(got.candidate_logits[keep], ref.candidate_logits[keep]), case
             torch.testing.assert_close(got.covered_mass, ref.covered_mass, rtol=0, atol=1e-6)
             torch.testing.assert_close(got.lse, ref.lse, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(torch.from_numpy(res["conf"]), gold_probability(z, targets), rtol=1e-5, atol=1e-7)
+            conf = torch.from_numpy(res["conf"])
+            torch.testing.assert_close(conf, gold_probability(z, targets), rtol=1e-5, atol=1e-7)
             # Collectives inside the op: O(N*TP*k_max) elements, never the N*V of a full-vocabulary gather.
             assert res["traffic"] <= 3 * N * TP * (k_max + 1), (case, res["traffic"])
             assert res["traffic"] < N * vocab or k_max >= vocab // TP, (case, res["traffic"])
