@@ -1,0 +1,292 @@
+"""MoClip: momentum-clipped Adam with the atan2 update (SPEC.md section 3), as a `torch.optim.Optimizer`.
+
+One step:
+1. global sums `d = <m_{t-1}, g>`, `mm = |m_{t-1}|^2`, `gg = |g|^2` over the parameters this rank counts
+   (`counts_toward_stats`, default all), then `stats_reducer` (one all-reduce in distributed runs);
+2. the angle clip as two global scalars, `g' = alpha*g + beta*m_{t-1}` (`clip.clip_coefficients`);
+3. `m = b1 m + (1-b1) g'`, `v = b2 v + (1-b2) g'^2`;
+4.-6. `theta *= 1 - lr*weight_decay`, then `theta -= lr*a*atan2(mhat, b*sqrt(vhat))` (no epsilon).
+With `eps` set, step 6 is Adam's division `mhat/(sqrt(vhat)+eps)` ("MoClip without atan2"); with
+`max_angle=180` nothing is clipped (Adam-atan2).
+
+The optimizer works on whatever tensors it is given, whole parameters or distributed-optimizer shards:
+every operation is elementwise except the three sums. State is fp32 whatever the parameter dtype, and is
+laid out like `torch.optim.Adam` (`step`, `exp_avg`, `exp_avg_sq`), the keys megatron-core's
+distributed-optimizer checkpointing expects. The step count `t` is each parameter's `step` (equal for
+all parameters unless some had no gradient on some step; parameters without a gradient are skipped, as
+torch's optimizers do).
+
+Precision: per-tensor partial sums are fp32 reductions (`_foreach_norm`, `torch.dot`), accumulated
+across tensors and ranks in float64; the clip scalars are float64, applied to fp32 tensors.
+The step never synchronises with the host: the scalars stay on the device and `last_stats` holds
+tensors (call `MoClipStats.as_floats()`, which syncs, only when logging).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from replay_megatron.optim.clip import AngleClip, check_clip_args, clip_coefficients
+
+StatsReducer = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class MoClipStats:
+    """Statistics of the last step and running counts, as tensors on the statistics device."""
+
+    cos_phi: Tensor  # NaN on the first step or when m or g is zero
+    clipped: Tensor  # bool
+    opposite: Tensor  # bool: g exactly opposite m, g' = 0
+    grad_norm: Tensor  # |g| over the whole (logical) model
+    clipped_grad_norm: Tensor  # |g'|
+    steps: int  # steps taken by this optimizer (running, since construction or load_state_dict)
+    clipped_steps: Tensor  # running count of steps where clipping fired
+    opposite_steps: Tensor  # running count of exactly-opposite events
+
+    @property
+    def clip_rate(self) -> Tensor:
+        """Fraction of steps so far on which clipping fired."""
+        return self.clipped_steps.double() / max(self.steps, 1)
+
+    def as_floats(self) -> dict[str, float]:
+        """Plain numbers for a logger (this synchronises with the device)."""
+        names = ("cos_phi", "clipped", "opposite", "grad_norm", "clipped_grad_norm", "clipped_steps",
+                 "opposite_steps")
+        values = torch.stack([getattr(self, n).double() for n in names] + [self.clip_rate]).tolist()
+        return {**dict(zip(names + ("clip_rate",), values)), "steps": float(self.steps)}
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one param group on one device with one dtype: the unit of a multi-tensor call."""
+
+    group: dict
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)  # fp32 (a copy for low-precision params)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)  # t of this step, per parameter
+    counted: list[bool] = field(default_factory=list)
+
+
+def _each(foreach: bool, op: str, *args: Any, **kwargs: Any) -> Any:
+    """`torch._foreach_<op>` over tensor lists, or the same op tensor by tensor (identical numbers).
+
+    List arguments are zipped; anything else (a number, a 0-dim tensor) is passed to every call.
+    """
+    if foreach:
+        return getattr(torch, f"_foreach_{op}")(*args, **kwargs)
+    n = len(args[0])
+    columns = [a if isinstance(a, list) else [a] * n for a in args]
+    method = getattr(Tensor, op)
+    return [method(*row, **kwargs) for row in zip(*columns)]
+
+
+def run_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """torch's optimizer closure protocol: re-evaluate the loss with gradients enabled, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def decoupled_update_(params: list[Tensor], updates: list[Tensor], step_size: float, decay: float,
+                      foreach: bool = False) -> None:
+    """`theta = theta*(1 - decay) - step_size*update` (SPEC section 3 steps 5-6), computed in fp32.
+
+    Low-precision parameters are updated in an fp32 copy and rounded once to their dtype.
+    """
+    work = params if params[0].dtype == torch.float32 else [p.float() for p in params]
+    if decay != 0.0:
+        _each(foreach, "mul_", work, 1.0 - decay)
+    _each(foreach, "add_", work, updates, alpha=-step_size)
+    if work is not params:
+        _each(foreach, "copy_", params, work)
+
+
+def _norms(foreach: bool, tensors: list[Tensor]) -> list[Tensor]:
+    if foreach:
+        return list(torch._foreach_norm(tensors))
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
+class MoClip(torch.optim.Optimizer):
+    """MoClip (SPEC.md section 3): one global gradient-momentum angle clip, Adam moments, atan2 update.
+
+    `max_angle` (degrees) and `mode` are optimizer-wide, as the angle is global; `lr`, `betas`,
+    `weight_decay`, `atan2_a`, `atan2_b` and `eps` may differ per param group. `stats_reducer` combines
+    the local sums across ranks (e.g. `stats.GlobalSumsReducer`); `counts_toward_stats(param)` says
+    whether this rank counts a parameter in them (e.g. `stats.counts_toward_global_stats`); every
+    parameter is updated either way. `foreach=False` selects the per-tensor path.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, max_angle: float = 45.0, atan2_a: float = 1.0,
+                 atan2_b: float = 1.0, mode: str = "paper", stats_reducer: Optional[StatsReducer] = None,
+                 foreach: Optional[bool] = None, eps: Optional[float] = None,
+                 counts_toward_stats: Optional[Callable[[Tensor], bool]] = None) -> None:
+        check_clip_args(max_angle, mode)
+        self.max_angle = float(max_angle)
+        self.mode = mode
+        self.stats_reducer = stats_reducer
+        self.counts_toward_stats = counts_toward_stats
+        self.foreach = True if foreach is None else bool(foreach)
+        self.last_stats: Optional[MoClipStats] = None
+        self._steps = 0
+        self._clipped_steps: Optional[Tensor] = None
+        self._opposite_steps: Optional[Tensor] = None
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, atan2_a=atan2_a,
+                        atan2_b=atan2_b, eps=eps)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        where = f"MoClip param group {len(self.param_groups) - 1}"
+        b1, b2 = g["betas"]
+        if g["lr"] < 0 or g["weight_decay"] < 0:
+            raise ValueError(f"{where}: lr and weight_decay must be >= 0, got {g['lr']}, {g['weight_decay']}")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"{where}: betas must be in [0, 1), got {g['betas']}")
+        if g["atan2_a"] <= 0 or g["atan2_b"] <= 0:
+            raise ValueError(f"{where}: atan2_a and atan2_b must be > 0, got {g['atan2_a']}, {g['atan2_b']}")
+        if g["eps"] is not None and (g["eps"] <= 0 or (g["atan2_a"], g["atan2_b"]) != (1.0, 1.0)):
+            raise ValueError(f"{where}: eps (Adam division instead of atan2) must be > 0 and leaves "
+                             f"atan2_a = atan2_b = 1, got eps={g['eps']}, a={g['atan2_a']}, b={g['atan2_b']}")
+
+    # ---- state_dict: the running clip counts travel with the optimizer state ----
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        counts = [0, 0] if self._clipped_steps is None else \
+            torch.stack([self._clipped_steps, self._opposite_steps]).tolist()
+        sd["moclip_counts"] = {"steps": self._steps, "clipped_steps": counts[0], "opposite_steps": counts[1]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        counts = state_dict.pop("moclip_counts", None)
+        super().load_state_dict(state_dict)
+        self._steps = 0 if counts is None else int(counts["steps"])
+        self._clipped_steps = self._opposite_steps = None
+        if counts is not None and self.param_groups and self.param_groups[0]["params"]:
+            device = self.param_groups[0]["params"][0].device
+            self._clipped_steps = torch.tensor(counts["clipped_steps"], dtype=torch.int64, device=device)
+            self._opposite_steps = torch.tensor(counts["opposite_steps"], dtype=torch.int64, device=device)
+
+    # ---- the step ----
+    def _buckets(self) -> tuple[list[_Bucket], bool]:
+        """Gather the tensors of this step; also whether it is the first step (t == 1 everywhere)."""
+        buckets: dict[tuple, _Bucket] = {}
+        first = True
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MoClip does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                t = float(state["step"]) + 1.0
+                first = first and t == 1.0
+                # A new tensor, not an in-place add: loaders may share one `step` tensor between params.
+                state["step"] = torch.tensor(t)
+                b = buckets.setdefault((gi, p.device, p.dtype), _Bucket(group))
+                b.params.append(p)
+                b.grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
+                b.exp_avgs.append(state["exp_avg"])
+                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.steps.append(t)
+                b.counted.append(self.counts_toward_stats is None or bool(self.counts_toward_stats(p)))
+        return list(buckets.values()), first
+
+    def _stats_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _local_sums(self, buckets: list[_Bucket], first: bool, device: torch.device) -> Tensor:
+        """[d, mm, gg] over the counted tensors of this rank: fp32 per tensor, float64 across tensors."""
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for b in buckets:
+            ms = [m for m, c in zip(b.exp_avgs, b.counted) if c]
+            gs = [g for g, c in zip(b.grads, b.counted) if c]
+            if not gs:
+                continue
+            gg = torch.stack(_norms(self.foreach, gs)).double().square().sum()
+            if first:  # m_0 = 0: d and mm vanish
+                d = mm = torch.zeros_like(gg)
+            else:
+                d = torch.stack([torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]).double().sum()
+                mm = torch.stack(_norms(self.foreach, ms)).double().square().sum()
+            sums += torch.stack([d, mm, gg]).to(device)
+        return sums
+
+    def _update(self, b: _Bucket, clip: Optional[AngleClip]) -> None:
+        """SPEC section 3 steps 3-6 for one bucket; `clip` None means g' = g."""
+        fe, group = self.foreach, b.group
+        b1, b2 = group["betas"]
+        lr, a, bb, eps = group["lr"], group["atan2_a"], group["atan2_b"], group["eps"]
+        grads, exp_avgs, exp_avg_sqs = b.grads, b.exp_avgs, b.exp_avg_sqs
+        if clip is None:
+            clipped_grads = grads
+        else:
+            clipped_grads = _each(fe, "mul", grads, clip.alpha.float())
+            # A list of 0-dim tensors broadcasts per tensor (a bare tensor here means per-tensor scalars).
+            _each(fe, "addcmul_", clipped_grads, exp_avgs, [clip.beta.float()] * len(grads))
+        _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
+        _each(fe, "mul_", exp_avg_sqs, b2)
+        _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
+        del clipped_grads
+        bc1 = [1.0 - b1 ** t for t in b.steps]
+        bc2_sqrt = [math.sqrt(1.0 - b2 ** t) for t in b.steps]
+        denom = _each(fe, "sqrt", exp_avg_sqs)
+        if eps is None:
+            # atan2(m/bc1, b*sqrt(v/bc2)) == atan2(m, c*sqrt(v)) with c = b*bc1/sqrt(bc2) > 0.
+            _each(fe, "mul_", denom, [bb * c1 / c2 for c1, c2 in zip(bc1, bc2_sqrt)])
+            ratio = torch.atan2
+        else:
+            # (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) == m / (bc1 * (sqrt(v)/sqrt(bc2) + eps))
+            _each(fe, "div_", denom, bc2_sqrt)
+            _each(fe, "add_", denom, eps)
+            _each(fe, "mul_", denom, bc1)
+            ratio = torch.div
+        for m, u in zip(exp_avgs, denom):  # no multi-tensor atan2 in torch: per tensor, in place
+            ratio(m, u, out=u)
+        decoupled_update_(b.params, denom, lr * a, lr * group["weight_decay"], foreach=fe)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = run_closure(closure)
+        buckets, first = self._buckets()
+        device = self._stats_device()
+        sums = self._local_sums(buckets, first, device)
+        if self.stats_reducer is not None:  # collective: every rank calls it, with or without params
+            sums = self.stats_reducer(sums)
+        clip = clip_coefficients(sums[0], sums[1], sums[2], self.max_angle, self.mode)
+        # Host-known cases where g' = g whatever the data: skip building g'.
+        applied = None if first or self.max_angle >= 180.0 else clip
+        for b in buckets:
+            self._update(b, applied)
+        self._record(clip, sums[2], device)
+        return loss
+
+    def _record(self, clip: AngleClip, gg: Tensor, device: torch.device) -> None:
+        if self._clipped_steps is None:
+            self._clipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+            self._opposite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._steps += 1
+        self._clipped_steps += clip.clipped
+        self._opposite_steps += clip.opposite
+        self.last_stats = MoClipStats(
+            cos_phi=clip.cos_phi, clipped=clip.clipped, opposite=clip.opposite, grad_norm=gg.sqrt(),
+            clipped_grad_norm=clip.clipped_grad_norm, steps=self._steps,
+            clipped_steps=self._clipped_steps.clone(), opposite_steps=self._opposite_steps.clone())

@@ -1,0 +1,216 @@
+"""MoClip equals SPEC.md section 3 written out plainly, and behaves as a torch optimizer should.
+
+The reference below flattens every parameter into one float64 vector and follows SPEC section 3 line by
+line (global angle, clip, Adam moments on g', bias correction, decoupled weight decay, atan2). It is fed
+the gradients MoClip saw, so each step compares the optimizer math alone (tolerance 1e-6 on parameters
+after 20 steps; the clip decisions and cos(phi) must match every step). Also: Adam-atan2 and Adam(W)
+equivalences, state_dict round trip, multi-tensor == per-tensor path, fp32 state for bf16 parameters.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from replay_megatron.optim import MoClip
+
+TOL = 1e-6
+
+
+def make_mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
+
+
+def backward(model: torch.nn.Module, step: int) -> None:
+    x, y = batch(step)
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weights with weight decay, biases without and at a different lr (as megatron-core builds groups)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": weights, "lr": 1e-2, "weight_decay": 0.1}, {"params": biases, "lr": 5e-3, "weight_decay": 0.0}]
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+class Reference:
+    """SPEC.md section 3 on one flat float64 vector; `max_angle=None` is plain Adam-atan2 (no clip code)."""
+
+    def __init__(self, theta, lr, wd, *, betas=(0.9, 0.999), max_angle=None, mode="paper", a=1.0, b=1.0):
+        self.theta, self.lr, self.wd = theta.clone(), lr, wd
+        self.m, self.v, self.t = torch.zeros_like(theta), torch.zeros_like(theta), 0
+        self.betas, self.max_angle, self.mode, self.a, self.b = betas, max_angle, mode, a, b
+        self.cos, self.clipped = [], []
+
+    def clip(self, g: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        d, mm, gg = (m @ g).item(), (m @ m).item(), (g @ g).item()
+        if self.t == 1 or mm == 0 or gg == 0:
+            self.cos.append(math.nan)
+            self.clipped.append(False)
+            return g
+        cos = d / math.sqrt(mm * gg)
+        self.cos.append(cos)
+        phi = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+        self.clipped.append(phi > self.max_angle)
+        if phi <= self.max_angle:
+            return g
+        g_par = d / mm * m
+        g_perp = g - g_par
+        theta = math.radians(self.max_angle)
+        if self.mode == "paper" and d > 0:
+            return g_par + math.tan(theta) * g_par.norm() * g_perp / g_perp.norm()
+        return g.norm() * (math.cos(theta) * m / m.norm() + math.sin(theta) * g_perp / g_perp.norm())
+
+    def step(self, g: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        if self.max_angle is not None:
+            g = self.clip(g)
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        mhat, vhat = self.m / (1 - b1 ** self.t), self.v / (1 - b2 ** self.t)
+        self.theta = self.theta * (1 - self.lr * self.wd)
+        self.theta = self.theta - self.lr * self.a * torch.atan2(mhat, self.b * vhat.sqrt())
+
+
+def run_against_reference(steps: int, moclip_kwargs: dict, ref_kwargs: dict):
+    model = make_mlp()
+    groups = param_groups(model)
+    opt = MoClip(groups, **moclip_kwargs)
+    params = [p for g in groups for p in g["params"]]
+    lr = torch.cat([torch.full((p.numel(),), g["lr"], dtype=torch.float64) for g in groups for p in g["params"]])
+    wd = torch.cat([torch.full((p.numel(),), g["weight_decay"], dtype=torch.float64)
+                    for g in groups for p in g["params"]])
+    ref = Reference(flat(params), lr, wd, **ref_kwargs)
+    cos = []
+    for step in range(steps):
+        backward(model, step)
+        ref.step(flat(p.grad for p in params))
+        opt.step()
+        cos.append(opt.last_stats.cos_phi.item())
+        assert bool(opt.last_stats.clipped) == (ref.clipped[-1] if ref.clipped else False), f"step {step}"
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=TOL)
+    return opt, ref, cos
+
+
+@pytest.mark.parametrize("mode,max_angle", [("paper", 70.0), ("rotate", 80.0), ("paper", 100.0)])
+def test_moclip_equals_flat_reference(mode, max_angle):
+    opt, ref, cos = run_against_reference(20, dict(max_angle=max_angle, mode=mode),
+                                          dict(max_angle=max_angle, mode=mode))
+    torch.testing.assert_close(torch.tensor(cos, dtype=torch.float64), torch.tensor(ref.cos, dtype=torch.float64),
+                               rtol=0, atol=1e-6, equal_nan=True)
+    n_clipped = sum(ref.clipped)
+    assert 3 <= n_clipped <= 17, f"the case must clip on some steps but not all, clipped {n_clipped}/20"
+    assert int(opt.last_stats.clipped_steps) == n_clipped
+    assert opt.last_stats.clip_rate.item() == pytest.approx(n_clipped / 20)
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (1.27, 0.5)])
+def test_max_angle_180_is_adam_atan2(a, b):
+    opt, ref, _ = run_against_reference(20, dict(max_angle=180.0, atan2_a=a, atan2_b=b), dict(a=a, b=b))
+    assert int(opt.last_stats.clipped_steps) == 0
+
+
+@pytest.mark.parametrize("torch_opt,weight_decay,eps", [(torch.optim.Adam, 0.0, 1e-8), (torch.optim.AdamW, 0.1, 1e-6)])
+def test_eps_without_clipping_is_torch_adam(torch_opt, weight_decay, eps):
+    ours, theirs = make_mlp(), make_mlp()
+    opt = MoClip(ours.parameters(), lr=1e-2, weight_decay=weight_decay, max_angle=180.0, eps=eps)
+    ref = torch_opt(theirs.parameters(), lr=1e-2, weight_decay=weight_decay, eps=eps)
+    for step in range(10):
+        for model, o in ((ours, opt), (theirs, ref)):
+            backward(model, step)
+            o.step()
+    torch.testing.assert_close(flat(ours.parameters()), flat(theirs.parameters()), rtol=0, atol=TOL)
+
+
+def train(model, opt, steps):
+    for step in steps:
+        backward(model, step)
+        opt.step()
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    kwargs = dict(max_angle=30.0, weight_decay=0.05)
+    straight = make_mlp()
+    opt = MoClip(param_groups(straight), **kwargs)
+    train(straight, opt, range(6))
+
+    first = make_mlp()
+    opt1 = MoClip(param_groups(first), **kwargs)
+    train(first, opt1, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = make_mlp(seed=1)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    opt2 = MoClip(param_groups(resumed), **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, range(3, 6))
+
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.last_stats.as_floats() == opt.last_stats.as_floats()
+    assert opt.last_stats.steps == 6 and int(opt.last_stats.clipped_steps) > 0
+
+
+def test_foreach_and_per_tensor_paths_are_identical():
+    results = []
+    for foreach in (True, False):
+        model = make_mlp()
+        extra = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))  # a second dtype bucket
+        opt = MoClip(param_groups(model) + [{"params": [extra]}], max_angle=30.0, foreach=foreach)
+        for step in range(10):
+            x, y = batch(step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x) * extra.float(), y).backward()
+            opt.step()
+        state = [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+        results.append(([p.detach().clone() for p in model.parameters()] + [extra.detach().clone()] + state,
+                         opt.last_stats.as_floats()))
+    (tensors_a, stats_a), (tensors_b, stats_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(tensors_a, tensors_b))
+    assert stats_a == stats_b and stats_a["clipped_steps"] > 0
+
+
+def test_bf16_params_keep_fp32_state_and_round_once():
+    torch.manual_seed(0)
+    p16 = torch.nn.Parameter(torch.randn(64).bfloat16())
+    p32 = torch.nn.Parameter(p16.detach().float())
+    opts = [MoClip([p], lr=1e-2, weight_decay=0.1) for p in (p16, p32)]
+    for _ in range(3):
+        g = torch.randn(64).bfloat16()
+        p16.grad, p32.grad = g, g.float()
+        p32.data.copy_(p16.detach().float())  # the same starting point each step
+        for o in opts:
+            o.step()
+        assert torch.equal(p16.detach(), p32.detach().bfloat16())
+    state = opts[0].state[p16]
+    assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(state["exp_avg"], opts[1].state[p32]["exp_avg"])
+
+
+def test_bad_hyperparameters_are_named():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="max_angle"):
+        MoClip(p, max_angle=0.0)
+    with pytest.raises(ValueError, match="mode"):
+        MoClip(p, mode="spin")
+    with pytest.raises(ValueError, match="param group 0: eps"):
+        MoClip(p, eps=1e-8, atan2_a=1.27)
+    with pytest.raises(ValueError, match="betas"):
+        MoClip(p, betas=(0.9, 1.0))
