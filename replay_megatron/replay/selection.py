@@ -43,19 +43,26 @@ def _order_by_value_then_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[to
 def _deterministic_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`k` of each row of `z` as (fp32 values, local ids) in (value desc, id asc) order.
 
-    `torch.topk` may pick any of several entries tied with the k-th value; rows where that happens are
-    redone exactly: every entry above the k-th value plus the lowest-id entries equal to it.
+    `torch.topk` may pick any of several entries tied with the k-th value. Taking k+1 shows which rows have
+    such a tie (the (k+1)-th value equals the k-th); only those rows are fixed up: their entries equal to
+    the k-th value are replaced by the lowest-id entries of the row holding that value.
     """
-    values, ids = torch.topk(z, k, dim=-1)
-    thresh = values[:, -1:]
-    ties_kept = (values == thresh).sum(-1)
-    redo = ((z == thresh).sum(-1) > ties_kept).nonzero().squeeze(-1)
+    if k == z.shape[1]:
+        ids = torch.arange(k, device=z.device).expand(z.shape[0], k)
+        return _order_by_value_then_id(z.float(), ids)
+    values, ids = torch.topk(z, k + 1, dim=-1)
+    redo = (values[:, k] == values[:, k - 1]).nonzero().squeeze(-1)
+    values, ids = values[:, :k], ids[:, :k]
     if redo.numel():
-        zr, tr = z[redo], thresh[redo]
-        tied = zr == tr
-        keep = (zr > tr) | (tied & (tied.cumsum(-1) <= ties_kept[redo, None]))
-        ids[redo] = keep.nonzero()[:, 1].view(-1, k)
-        values[redo] = zr.gather(-1, ids[redo])
+        thresh = values[redo, k - 1:]
+        ties_kept = (values[redo] == thresh).sum(-1)
+        rows, cols = (z.index_select(0, redo) == thresh).nonzero(as_tuple=True)  # ids ascending per row
+        per_row = torch.bincount(rows, minlength=redo.numel())
+        rank_in_row = torch.arange(rows.numel(), device=z.device) - (per_row.cumsum(0) - per_row)[rows]
+        tail = torch.arange(k, device=z.device)[None, :] >= (k - ties_kept)[:, None]
+        fixed = ids[redo]
+        fixed[tail] = cols[rank_in_row < ties_kept[rows]]
+        ids[redo] = fixed
     return _order_by_value_then_id(values.float(), ids)
 
 
@@ -122,7 +129,7 @@ def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int
     row_max = _all_reduce(logits.amax(dim=-1).float(), dist.ReduceOp.MAX, group)
     sums = torch.zeros(n, 2, dtype=torch.float32, device=logits.device)  # [sum exp(z - max), gold logit]
     for rows in _row_chunks(n, v_local):
-        sums[rows, 0] = torch.exp(logits[rows].float() - row_max[rows, None]).sum(-1)
+        sums[rows, 0] = (logits[rows] - row_max[rows, None]).exp_().sum(-1)  # fp32 by type promotion
     local = targets - vocab_start
     in_shard = (local >= 0) & (local < v_local)
     gold = logits.gather(1, local.clamp(0, v_local - 1)[:, None]).squeeze(1).float()
