@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def test_dp_shards_union_equals_one_shard(tmp_path: Path) -> None:
     dp1, dp2 = ReplayStore.open(tmp_path / "dp1"), ReplayStore.open(tmp_path / "dp2")
     assert len(dp2.manifest["shards"]) == 2
     assert_same_records(dp1, dp2)
+    assert len(pickle.dumps(dp2)) < 1000  # a re-open, not the mapped data
+    assert_same_records(dp1, pickle.loads(pickle.dumps(dp2)))
     assert_same_records(dp1, ReplayStore.open(tmp_path / "dp3"))
     sizes = ("bytes", "bytes_per_position", "fraction_of_fp16_logits")  # two shards hold two sets of indexes
     assert {k: v for k, v in dp1.summary().items() if k not in sizes} == \

@@ -177,6 +177,7 @@ class ReplayStoreWriter:
 
     def add(self, sample_id: int, positions: torch.Tensor, targets: torch.Tensor, selection: TopKSelection) -> None:
         """Queue the stored positions of one sample (positions ascending; `selection` from `dynamic_topk`)."""
+        sample_id = int(sample_id)
         if self.closed:
             raise ReplayStoreError(f"{self.shard_dir} is already closed; sample {sample_id} cannot be added")
         if sample_id < 0 or sample_id in self._committed or sample_id in self._pending_ids:
@@ -393,6 +394,11 @@ class ReplayStore:
         names = [*_INDEX, *_columns(manifest["logits_dtype"])]
         shards = [_Shard(directory / s["name"], names) for s in manifest["shards"]]
         return cls(directory, manifest, shards)
+
+    def __reduce__(self):
+        """Pickle as a re-open (no sha256 pass) rather than copying the memory-mapped columns (DataLoader
+        workers started with spawn)."""
+        return ReplayStore.open, (self.directory, None, False)
 
     def __len__(self) -> int:
         return len(self._ids)
