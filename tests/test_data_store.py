@@ -98,7 +98,7 @@ def test_append_equals_preprocessing_the_concatenation(demo, tmp_path):
     assert parts["num_samples"] == whole["num_samples"] and parts["num_tokens"] == whole["num_tokens"]
     assert [s["first_sample_id"] for s in parts["sources"]] == [0, len(_rows(a))]
     assert TokenDataset(tmp_path / "parts").string_ids == TokenDataset(tmp_path / "whole").string_ids
-    with pytest.raises(DataError, match="duplicate sample id 'domain-heldout-000000'"):
+    with pytest.raises(DataError, match=":1: duplicate sample id 'domain-heldout-000000' \\(already sample 200 "):
         preprocess(b, tok_path, tmp_path / "parts", seq_length=64, mode="append", progress=False)
 
 
@@ -163,7 +163,7 @@ def test_cli_end_to_end(demo, tmp_path, capsys):
     ('{"prompt": "a", "response": 7}\n', "instruction", "bad.jsonl:1: field 'response' must be a string, got int"),
     ('{"prompt": "a", "response": "b", "id": [1]}\n', "instruction", "bad.jsonl:1: field 'id' must be"),
     ('{"id": "x", "prompt": "a", "response": "b"}\n{"id": "x", "prompt": "c", "response": "d"}\n', "instruction",
-     "duplicate sample id 'x' \\(first seen as sample 0\\)"),
+     "bad.jsonl:2: duplicate sample id 'x' \\(already sample 0 of the store\\)"),
     ("\n\n", "instruction", "bad.jsonl: no samples"),
     ("  \n", "text", "bad.jsonl: no samples"),
 ])

@@ -51,8 +51,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
-def instruction_records(path: str | Path) -> Iterator[tuple[str, tuple[str, str]]]:
-    """(string id, (prompt, response)) per line of an instruction JSONL file."""
+def instruction_records(path: str | Path) -> Iterator[tuple[int, str, tuple[str, str]]]:
+    """(line number, string id, (prompt, response)) per line of an instruction JSONL file."""
     path = Path(path)
     for lineno, obj in read_jsonl(path):
         for field in ("prompt", "response"):
@@ -63,11 +63,11 @@ def instruction_records(path: str | Path) -> Iterator[tuple[str, tuple[str, str]
         sid = obj.get("id", f"{path.name}:{lineno}")
         if not isinstance(sid, (str, int)) or isinstance(sid, bool):
             raise DataError(f"{path}:{lineno}: field 'id' must be a string or an integer, got {type(sid).__name__}")
-        yield str(sid), (obj["prompt"], obj["response"])
+        yield lineno, str(sid), (obj["prompt"], obj["response"])
 
 
-def text_records(path: str | Path) -> Iterator[tuple[str, str]]:
-    """(string id "<file name>:<line>", line) per non-blank line of a text file."""
+def text_records(path: str | Path) -> Iterator[tuple[int, str, str]]:
+    """(line number, string id "<file name>:<line>", line) per non-blank line of a text file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -75,7 +75,7 @@ def text_records(path: str | Path) -> Iterator[tuple[str, str]]:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
-                yield f"{path.name}:{lineno}", line
+                yield lineno, f"{path.name}:{lineno}", line
 
 
 def encode_sample(tok: Tokenizer, fmt: str, payload: Any) -> tuple[list[int], list[int]]:
@@ -158,9 +158,10 @@ def preprocess(input_path: str | Path, tokenizer_path: str | Path, out_dir: str 
     pending: list[str] = []
 
     def jobs() -> Iterator[tuple[str, Any]]:
-        for sid, payload in records:
+        for lineno, sid, payload in records:
             if sid in seen:
-                raise DataError(f"{input_path}: duplicate sample id {sid!r} (first seen as sample {seen[sid]})")
+                raise DataError(f"{input_path}:{lineno}: duplicate sample id {sid!r} "
+                                f"(already sample {seen[sid]} of the store)")
             seen[sid] = first_id + len(pending)
             pending.append(sid)
             yield fmt, payload
