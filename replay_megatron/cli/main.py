@@ -22,7 +22,7 @@ def subcommands() -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="replay-megatron", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="replay-megatron", description="Logits Replay + MoClip post-training of Qwen3 on megatron-core (NPU, CUDA, CPU).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in subcommands().items():
         module = importlib.import_module(f"replay_megatron.cli.{module_name}")
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen subcommand; returns its exit code."""
+    from replay_megatron.platform.launch_env import is_msrun_scheduler
+
+    if is_msrun_scheduler():  # msrun's scheduler process has no work in a PyTorch job
+        return 0
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

@@ -7,6 +7,7 @@ in rank order; a failure in any rank is re-raised in the parent with that rank's
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -32,10 +33,14 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
-        queue.put((rank, True, fn(*args)))
+        # Plain pickle bytes: torch's queue reducer would share tensors through this process's memory,
+        # which is gone once it exits.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its rank
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        queue.close()
+        queue.join_thread()
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -63,7 +68,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
                 break  # peers may now hang in a collective; stop waiting for them

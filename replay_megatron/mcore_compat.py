@@ -1,0 +1,49 @@
+"""Every difference between the megatron-core versions we support (0.12.x, as pinned by MindSpeed-LLM,
+up to 0.16.1) lives here; the rest of replay-megatron calls these wrappers and never branches on a version.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import megatron.core
+from packaging.version import Version
+
+MCORE_VERSION = Version(megatron.core.__version__)
+MIN_VERSION, MAX_VERSION = Version("0.12.0"), Version("0.16.1")
+
+
+def check_version() -> None:
+    """Refuse a megatron-core outside the supported range before any model is built."""
+    if not MIN_VERSION <= MCORE_VERSION <= MAX_VERSION:
+        raise RuntimeError(f"megatron-core {MCORE_VERSION} is not supported; "
+                           f"replay-megatron supports {MIN_VERSION} to {MAX_VERSION}")
+
+
+def accepted_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
+    """The subset of `kwargs` that `fn` accepts (arguments added in later megatron-core releases)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def initialize_model_parallel(tp: int, pp: int, timeout_minutes: int = 30) -> None:
+    """megatron's parallel_state.initialize_model_parallel with the arguments both versions share."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=timeout_minutes)
+
+
+def local_layer_spec(qk_layernorm: bool = True) -> Any:
+    """GPT layer spec built from megatron-core's own modules (no Transformer Engine), RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+def te_layer_spec(qk_layernorm: bool = True) -> Any:
+    """GPT layer spec with Transformer Engine modules (CUDA with TE installed only)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
