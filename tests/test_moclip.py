@@ -202,6 +202,10 @@ def test_bf16_params_keep_fp32_state_and_round_once():
     state = opts[0].state[p16]
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
     assert torch.equal(state["exp_avg"], opts[1].state[p32]["exp_avg"])
+    resumed = MoClip([torch.nn.Parameter(p16.detach().clone())], lr=1e-2, weight_decay=0.1)
+    resumed.load_state_dict(opts[0].state_dict())  # torch would cast the moments to bf16 here
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(next(iter(resumed.state.values()))[key], state[key])
 
 
 def test_bad_hyperparameters_are_named():

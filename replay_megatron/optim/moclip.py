@@ -18,8 +18,10 @@ torch's optimizers do).
 
 Precision: per-tensor partial sums are fp32 reductions (`_foreach_norm`, `torch.dot`), accumulated
 across tensors and ranks in float64; the clip scalars are float64, applied to fp32 tensors.
-The step never synchronises with the host: the scalars stay on the device and `last_stats` holds
-tensors (call `MoClipStats.as_floats()`, which syncs, only when logging).
+On accelerators the step never synchronises with the host: the scalars stay on the device, g' is built
+whenever clipping is possible (alpha = 1, beta = 0 when it did not fire) and `last_stats` holds tensors (call
+`MoClipStats.as_floats()`, which syncs, only when logging). On CPU, where reading a flag costs nothing,
+building g' is skipped on steps that do not clip.
 """
 from __future__ import annotations
 
@@ -66,12 +68,19 @@ class _Bucket:
     """Parameters of one param group on one device with one dtype: the unit of a multi-tensor call."""
 
     group: dict
+    foreach: bool
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)  # fp32 (a copy for low-precision params)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[float] = field(default_factory=list)  # t of this step, per parameter
     counted: list[bool] = field(default_factory=list)
+
+    def tensor_by_tensor(self) -> list["_Bucket"]:
+        """One bucket per tensor, so that the per-tensor path finishes a tensor before the next one
+        (on CPU its temporaries then stay in cache and reuse freed memory)."""
+        columns = zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.counted)
+        return [_Bucket(self.group, False, *([x] for x in row)) for row in columns]
 
 
 def _each(foreach: bool, op: str, *args: Any, **kwargs: Any) -> Any:
@@ -122,7 +131,10 @@ class MoClip(torch.optim.Optimizer):
     `weight_decay`, `atan2_a`, `atan2_b` and `eps` may differ per param group. `stats_reducer` combines
     the local sums across ranks (e.g. `stats.GlobalSumsReducer`); `counts_toward_stats(param)` says
     whether this rank counts a parameter in them (e.g. `stats.counts_toward_global_stats`); every
-    parameter is updated either way. `foreach=False` selects the per-tensor path.
+    parameter is updated either way. `foreach` picks the multi-tensor path (`torch._foreach_*`, one call
+    per op over all tensors) or the per-tensor path (the whole update on one tensor, then the next); the
+    numbers are identical. Default (None): multi-tensor on accelerators, per-tensor on CPU, where it is
+    faster (as torch's own optimizers default to foreach only off CPU).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -135,7 +147,7 @@ class MoClip(torch.optim.Optimizer):
         self.mode = mode
         self.stats_reducer = stats_reducer
         self.counts_toward_stats = counts_toward_stats
-        self.foreach = True if foreach is None else bool(foreach)
+        self.foreach = foreach
         self.last_stats: Optional[MoClipStats] = None
         self._steps = 0
         self._clipped_steps: Optional[Tensor] = None
@@ -171,6 +183,12 @@ class MoClip(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         counts = state_dict.pop("moclip_counts", None)
         super().load_state_dict(state_dict)
+        # torch casts loaded state to the param dtype; MoClip's moments stay fp32 (bf16 params included).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, p in zip(saved_ids, [p for g in self.param_groups for p in g["params"]]):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key in ("exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
         self._steps = 0 if counts is None else int(counts["steps"])
         self._clipped_steps = self._opposite_steps = None
         if counts is not None and self.param_groups and self.param_groups[0]["params"]:
@@ -198,7 +216,8 @@ class MoClip(torch.optim.Optimizer):
                 first = first and t == 1.0
                 # A new tensor, not an in-place add: loaders may share one `step` tensor between params.
                 state["step"] = torch.tensor(t)
-                b = buckets.setdefault((gi, p.device, p.dtype), _Bucket(group))
+                foreach = p.device.type != "cpu" if self.foreach is None else bool(self.foreach)
+                b = buckets.setdefault((gi, p.device, p.dtype), _Bucket(group, foreach))
                 b.params.append(p)
                 b.grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
                 b.exp_avgs.append(state["exp_avg"])
@@ -221,18 +240,18 @@ class MoClip(torch.optim.Optimizer):
             gs = [g for g, c in zip(b.grads, b.counted) if c]
             if not gs:
                 continue
-            gg = torch.stack(_norms(self.foreach, gs)).double().square().sum()
+            gg = torch.stack(_norms(b.foreach, gs)).double().square().sum()
             if first:  # m_0 = 0: d and mm vanish
                 d = mm = torch.zeros_like(gg)
             else:
                 d = torch.stack([torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]).double().sum()
-                mm = torch.stack(_norms(self.foreach, ms)).double().square().sum()
+                mm = torch.stack(_norms(b.foreach, ms)).double().square().sum()
             sums += torch.stack([d, mm, gg]).to(device)
         return sums
 
     def _update(self, b: _Bucket, clip: Optional[AngleClip]) -> None:
         """SPEC section 3 steps 3-6 for one bucket; `clip` None means g' = g."""
-        fe, group = self.foreach, b.group
+        fe, group = b.foreach, b.group
         b1, b2 = group["betas"]
         lr, a, bb, eps = group["lr"], group["atan2_a"], group["atan2_b"], group["eps"]
         grads, exp_avgs, exp_avg_sqs = b.grads, b.exp_avgs, b.exp_avg_sqs
@@ -272,10 +291,13 @@ class MoClip(torch.optim.Optimizer):
         if self.stats_reducer is not None:  # collective: every rank calls it, with or without params
             sums = self.stats_reducer(sums)
         clip = clip_coefficients(sums[0], sums[1], sums[2], self.max_angle, self.mode)
-        # Host-known cases where g' = g whatever the data: skip building g'.
-        applied = None if first or self.max_angle >= 180.0 else clip
+        # g' = g for sure: on the first step, with clipping off, or when the (free on CPU) flag says so.
+        # Skipping the build changes nothing (alpha = 1, beta = 0); on accelerators the flag stays put.
+        unclipped = first or self.max_angle >= 180.0 or (device.type == "cpu" and not bool(clip.clipped))
+        applied = None if unclipped else clip
         for b in buckets:
-            self._update(b, applied)
+            for part in [b] if b.foreach else b.tensor_by_tensor():
+                self._update(part, applied)
         self._record(clip, sums[2], device)
         return loss
 

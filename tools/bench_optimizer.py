@@ -1,0 +1,97 @@
+"""Optimizer step time: MoClip vs torch.optim.AdamW(foreach=True) on transformer-shaped fp32 parameters.
+
+All optimizers run in the same process on the same gradients, in interleaved repetitions; the script
+prints the median step time of each and its ratio to AdamW (issue 5 target: MoClip <= 1.5x AdamW), for
+two scenarios: "clipping" draws a fresh random gradient every step, nearly orthogonal to the momentum,
+so MoClip clips every step (its most expensive path); "aligned" keeps the gradient fixed, so the angle
+stays within the cap.
+
+    python tools/bench_optimizer.py --params 100e6 --reps 7
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from replay_megatron.optim import MoClip
+
+
+def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list[tuple[int, ...]]:
+    """Qwen3-like tensor shapes (embedding, per layer q/k/v/o, gate/up/down, norms) adding up to ~`params`."""
+    head = 64
+    layer = [(hidden, hidden), (hidden // 2, hidden), (hidden // 2, hidden), (hidden, hidden),
+             (ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,), (hidden,), (head,), (head,)]
+    per_layer = sum(torch.Size(s).numel() for s in layer)
+    layers = max(1, round((params - vocab * hidden) / per_layer))
+    return [(vocab, hidden)] + layer * layers + [(hidden,)]
+
+
+def step_timer(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], float]:
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=100e6, help="total parameter count (default 100M)")
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=20000)
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per optimizer (interleaved)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    shapes = transformer_shapes(args.params, args.hidden, args.ffn, args.vocab)
+    grads = [torch.randn(s, device=device) for s in shapes]
+    numel = sum(g.numel() for g in grads)
+    print(f"{numel / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors on {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+
+    def make(build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g  # shared: every optimizer sees the same gradient
+        return build(params)
+
+    optimizers = {
+        "AdamW(foreach)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
+        "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True)),
+        "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False)),
+        "Adam-atan2 (MoClip 180)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0)),
+    }
+    timers = {name: step_timer(opt, device) for name, opt in optimizers.items()}
+    moclip = optimizers["MoClip(foreach)"]
+    for scenario, fresh in (("clipping", True), ("aligned", False)):
+        times: dict[str, list[float]] = {name: [] for name in optimizers}
+        clipped_before = moclip.state_dict()["moclip_counts"]["clipped_steps"] if moclip.last_stats else 0
+        for rep in range(args.reps + 2):  # two warm-up rounds: state allocation, settling into the scenario
+            if fresh:
+                for g in grads:
+                    g.normal_()
+            for name, timer in timers.items():
+                elapsed = timer()
+                if rep >= 2:
+                    times[name].append(elapsed)
+        clipped = moclip.state_dict()["moclip_counts"]["clipped_steps"] - clipped_before
+        print(f"-- {scenario}: MoClip clipped {clipped} of {args.reps + 2} steps")
+        base = statistics.median(times["AdamW(foreach)"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{name:26s} median {med * 1e3:9.1f} ms  (min {min(ts) * 1e3:9.1f})  ratio to AdamW {med / base:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
