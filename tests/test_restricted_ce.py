@@ -67,9 +67,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 1000, None])
+@pytest.fixture(params=["sparse", "gather"])
+def torch_path(request, monkeypatch):
+    """Both PyTorch paths on CPU fp32: sparse products (the default) and the chunked gather (the fallback)."""
+    if request.param == "gather":
+        monkeypatch.setattr(TorchCandidates, "_sparse_ok", staticmethod(lambda weight: False))
+    return request.param
+
+
+@pytest.mark.parametrize("path, chunk_size", [("sparse", None)] + [("gather", c) for c in (1, 5, 16, 37, 1000, None)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_float64_reference(seed, chunk_size):
+def test_matches_float64_reference(seed, path, chunk_size, monkeypatch):
+    if path == "gather":
+        monkeypatch.setattr(TorchCandidates, "_sparse_ok", staticmethod(lambda weight: False))
     hidden, weight, candidates, targets, _ = make_case(seed)
     got = loss_and_grads(restricted_cross_entropy, hidden, weight, candidates, targets, chunk_size=chunk_size)
     ref = loss_and_grads(reference_ce, hidden.double(), weight.double(), candidates, targets)
@@ -78,7 +88,7 @@ def test_matches_float64_reference(seed, chunk_size):
         assert rel_err(g, r) < 1e-6
 
 
-def test_gold_only_and_ignored_rows_give_zero_loss_and_gradient():
+def test_gold_only_and_ignored_rows_give_zero_loss_and_gradient(torch_path):
     hidden, weight, candidates, targets, _ = make_case(2)
     k1 = (candidates >= 0).sum(1) == 1
     ignored = targets < 0
@@ -91,7 +101,7 @@ def test_gold_only_and_ignored_rows_give_zero_loss_and_gradient():
     assert torch.all(loss == 0) and torch.all(dh == 0) and torch.all(dw == 0)
 
 
-def test_empty_batch_and_all_ignored_rows_are_zero_not_nan():
+def test_empty_batch_and_all_ignored_rows_are_zero_not_nan(torch_path):
     hidden, weight, candidates, targets, _ = make_case(3)
     loss, dh, dw = loss_and_grads(restricted_cross_entropy, hidden[:0], weight, candidates[:0], targets[:0])
     assert loss.shape == (0,) and torch.all(dw == 0)
@@ -99,7 +109,7 @@ def test_empty_batch_and_all_ignored_rows_are_zero_not_nan():
     assert torch.all(loss == 0) and torch.all(dh == 0) and torch.all(dw == 0)
 
 
-def test_shard_offset_without_tp_equals_the_full_weight():
+def test_shard_offset_without_tp_equals_the_full_weight(torch_path):
     hidden, weight, candidates, targets, _ = make_case(4)
     lo = 11  # this process holds rows 11.. only; every candidate must be there
     keep = ((candidates < lo) & (candidates >= 0)).sum(1) == 0
@@ -120,7 +130,7 @@ def test_bf16_inputs_compute_in_fp32_and_return_grads_in_bf16():
 
 
 @pytest.mark.parametrize("chunk_size", [3, None])
-def test_kl_term_matches_float64_reference(chunk_size):
+def test_kl_term_matches_float64_reference(chunk_size, torch_path):
     hidden, weight, candidates, targets, teacher = make_case(6)
     got = loss_and_grads(restricted_kl_divergence, hidden, weight, candidates, targets, teacher,
                          chunk_size=chunk_size)

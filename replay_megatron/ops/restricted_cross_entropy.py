@@ -5,8 +5,9 @@ weight W:
 
     zr_j = h_t . W_j  (j in S_t only)          L_t = logsumexp_{j in S_t} zr_j - zr_{x_t}
 
-Only the |S_t| candidate rows of W are gathered, chunk by chunk over positions, so no [N, V] (nor
-[N, V_local]) logits exist and the extra memory is O(chunk * C * H) plus O(N * C) per-candidate numbers.
+Only the |S_t| candidate rows of W take part (sparse products on CPU, a gather per chunk of positions
+elsewhere, or the Triton kernel), so no [N, V] (nor [N, V_local]) logits exist; backward uses the
+[N, C] softmax kept from forward and never needs the logits again.
 
 Vocab parallel (`tp_group` given): this rank holds rows `vocab_start .. vocab_start + V_local - 1` of W;
 candidates outside them are masked locally. The ranks exchange per-position scalars only (SPEC.md
@@ -21,10 +22,12 @@ rows only.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 _CHUNK_BYTES = 64 << 20  # default budget for one chunk's gathered fp32 candidate rows [chunk, C, H]
 
@@ -51,33 +54,73 @@ def local_softmax_stats(zr: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor
 
 
 class TorchCandidates:
-    """PyTorch path: gather the candidate rows of W for `chunk_size` positions at a time."""
+    """PyTorch path, made of the two sparse products the op is (SPEC.md section 2).
+
+    - SDDMM, zr_tj = h_t . W_j on the candidate pattern: `torch.sparse.sampled_addmm`.
+    - SpMM, sums of rows weighted per candidate: `F.embedding_bag` with per-sample weights, for
+      dh_t = sum_j dzr_tj W_j (bags = positions over W's rows) and dW_j = sum_t dzr_tj h_t (bags = vocab
+      rows over hidden's rows, in fp32 whatever the dtype).
+    Neither forms more than O(N*C) besides its output. sampled_addmm and the dh bag compute in W's dtype
+    and run on CPU, so for a non-fp32 W or another device, zr and dh come from fp32 copies of the
+    candidate rows gathered `chunk_size` positions at a time (peak extra memory O(chunk_size * C * H)).
+    Candidate ids must be ascending within each row (the op sorts them), as CSR wants.
+    """
 
     def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
 
-    def _chunks(self, n: int):
-        return ((s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size))
+    @staticmethod
+    def _sparse_ok(weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.float32 and weight.device.type == "cpu"
 
     def logits_and_stats(self, hidden, weight, rows, q):
-        zr = torch.empty(rows.shape, dtype=torch.float32, device=hidden.device)
-        for s, e in self._chunks(rows.shape[0]):
-            w = weight[rows[s:e].clamp(min=0)].float()  # [c, C, H]
-            zr[s:e] = torch.bmm(w, hidden[s:e].float().unsqueeze(-1)).squeeze(-1)
-        zr.masked_fill_(rows < 0, float("-inf"))
+        live = rows >= 0
+        if self._sparse_ok(weight):
+            zr = torch.full(rows.shape, float("-inf"), dtype=torch.float32, device=hidden.device)
+            if live.any():
+                with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+                    warnings.simplefilter("ignore", UserWarning)
+                    pattern = torch.sparse_csr_tensor(
+                        _bag_offsets(live, closed=True), rows[live], torch.zeros(int(live.sum()), device=hidden.device),
+                        size=(rows.shape[0], weight.shape[0]), check_invariants=False)
+                zr[live] = torch.sparse.sampled_addmm(pattern, hidden.float(), weight.t(), beta=0.0).values()
+        else:
+            zr = torch.empty(rows.shape, dtype=torch.float32, device=hidden.device)
+            for s, e, w in self._gathered_rows(weight, rows):
+                zr[s:e] = torch.bmm(w, hidden[s:e].float().unsqueeze(-1)).squeeze(-1)
+            zr.masked_fill_(~live, float("-inf"))
         return (zr, *local_softmax_stats(zr, q))
 
     def grads(self, dzr, hidden, weight, rows, need_dh, need_dw):
-        dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        for s, e in self._chunks(rows.shape[0]):
-            r, dz = rows[s:e].clamp(min=0), dzr[s:e]  # dz is exactly 0 where rows < 0
-            if need_dh:
-                dh[s:e] = torch.bmm(dz.unsqueeze(1), weight[r].float()).squeeze(1)
-            if need_dw:
-                outer = dz.unsqueeze(-1) * hidden[s:e].float().unsqueeze(1)  # [c, C, H]
-                dw.index_add_(0, r.reshape(-1), outer.reshape(-1, outer.shape[-1]))
+        live = rows >= 0
+        dh = dw = None
+        if need_dh and self._sparse_ok(weight):
+            dh = F.embedding_bag(rows[live], weight, _bag_offsets(live), mode="sum", per_sample_weights=dzr[live])
+        elif need_dh:
+            dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            for s, e, w in self._gathered_rows(weight, rows):
+                dh[s:e] = torch.bmm(dzr[s:e].unsqueeze(1), w).squeeze(1)  # dzr is 0 where rows < 0
+        if need_dw:
+            vocab_rows, order = rows[live].sort()
+            positions = live.nonzero()[:, 0][order]
+            offsets = torch.searchsorted(vocab_rows, torch.arange(weight.shape[0], device=rows.device))
+            dw = F.embedding_bag(positions, hidden.float(), offsets, mode="sum", per_sample_weights=dzr[live][order])
         return dh, dw
+
+    def _gathered_rows(self, weight, rows):
+        """(start, end, fp32 [c, C, H] candidate rows of W) per chunk; row 0 stands in where rows < 0.
+        One buffer serves every chunk (fresh large allocations cost a page fault per page on CPU)."""
+        buf = weight.new_empty((min(self.chunk_size, rows.shape[0]) * rows.shape[1], weight.shape[1]))
+        for s in range(0, rows.shape[0], self.chunk_size):
+            r = rows[s:s + self.chunk_size]
+            out = torch.index_select(weight, 0, r.clamp(min=0).reshape(-1), out=buf[:r.numel()])
+            yield s, s + r.shape[0], out.view(*r.shape, -1).float()
+
+
+def _bag_offsets(live: torch.Tensor, closed: bool = False) -> torch.Tensor:
+    """Start of each row's live entries in row-major order ([N]; [N+1] with the end when closed, = CSR rows)."""
+    starts = torch.cat([live.new_zeros(1, dtype=torch.long), live.sum(dim=1).cumsum(dim=0)])
+    return starts if closed else starts[:-1]
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +170,7 @@ class _RestrictedCrossEntropy(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _check_inputs(hidden, weight, candidates, targets, target_probs, vocab_start: int, world: int) -> None:
-    """Shapes, dtypes and the invariants Stage 0 guarantees; every message names the field and row."""
+def _check_shapes(hidden, weight, candidates, targets, target_probs) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"restricted_cross_entropy: hidden {tuple(hidden.shape)} must be [N, H] and weight "
                          f"{tuple(weight.shape)} [V_local, H] with the same H")
@@ -141,14 +183,15 @@ def _check_inputs(hidden, weight, candidates, targets, target_probs, vocab_start
     if target_probs is not None and target_probs.shape != candidates.shape:
         raise ValueError(f"restricted_cross_entropy: target_probs {tuple(target_probs.shape)} must match "
                          f"candidates {tuple(candidates.shape)}")
-    # Without TP this process holds the whole (restricted) vocabulary, so every candidate must be local.
-    lo, hi = (0, weight.shape[0] * world) if world > 1 else (vocab_start, vocab_start + weight.shape[0])
+
+
+def _check_candidates(candidates, targets, target_probs, lo: int, hi: int) -> None:
+    """The invariants Stage 0 guarantees, on candidates sorted within each row; messages name the row."""
     pad = candidates == -1
-    bad = ~pad & ((candidates < lo) | (candidates >= hi))
-    _raise_on_first(bad.any(dim=1), f"has a candidate id outside [{lo}, {hi}) (padding is -1)")
+    _raise_on_first((~pad & ((candidates < lo) | (candidates >= hi))).any(dim=1),
+                    f"has a candidate id outside [{lo}, {hi}) (padding is -1)")
     _raise_on_first(targets < -1, "has a target id below -1 (-1 marks an ignored row)")
-    ordered = candidates.sort(dim=1).values
-    _raise_on_first(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1),
+    _raise_on_first(((candidates[:, 1:] == candidates[:, :-1]) & ~pad[:, 1:]).any(dim=1),
                     "has a duplicate candidate id")
     valid = targets >= 0
     _raise_on_first(valid & ~(candidates == targets[:, None]).any(dim=1),
@@ -192,17 +235,26 @@ def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candida
 
     tp_group: the tensor-parallel group over which the vocabulary is split; the returned loss is the
     global one on every rank, dh is this rank's partial (see the module docstring).
-    chunk_size: positions per chunk of the PyTorch path (default: 64 MiB of gathered fp32 rows).
+    chunk_size: positions per chunk where the PyTorch path gathers W's rows (non-fp32 W or not on CPU;
+    default: 64 MiB of gathered fp32 rows).
     target_probs: optional [N, C] distribution on the candidates (zero on padding, rows summing to 1)
     used instead of the one-hot gold: loss = lse - sum_j q_j zr_j (a soft-target CE with the same
     scalar-only traffic; treated as a constant). `restricted_kl_divergence` builds it from teacher logits.
     backend: 'auto', 'torch' or 'triton' (kernels/restricted_ce.py).
     """
+    _check_shapes(hidden, weight, candidates, targets, target_probs)
+    # The loss is per row, so sorting each row's candidates changes nothing but gives the CSR order.
+    candidates, order = candidates.long().sort(dim=1)
+    if target_probs is not None:
+        target_probs = target_probs.gather(1, order)
+    targets = targets.long()
+    # Without TP this process holds the whole (restricted) vocabulary, so every candidate must be local.
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
-    _check_inputs(hidden, weight, candidates, targets, target_probs, vocab_start, world)
-    candidates, targets = candidates.long(), targets.long()
+    v_local = weight.shape[0]
+    _check_candidates(candidates, targets, target_probs,
+                      *((0, v_local * world) if world > 1 else (vocab_start, vocab_start + v_local)))
     local = candidates - vocab_start
-    in_shard = (targets >= 0)[:, None] & (candidates >= 0) & (local >= 0) & (local < weight.shape[0])
+    in_shard = (targets >= 0)[:, None] & (candidates >= 0) & (local >= 0) & (local < v_local)
     rows = torch.where(in_shard, local, -1)
     if target_probs is None:
         q = (candidates == targets[:, None]) & in_shard
