@@ -97,7 +97,8 @@ OPTIMIZERS = {
                                                                                  tp_group=group) if group else None),
     "tam": lambda group, params: TAM(params, lr=0.05, tensor_sums=TensorParallelSums(group) if group else None,
                                      cos_update=True),
-    "mofo": lambda group, params: MoFO(params, lr=0.05, fraction=0.3, gather=TensorParallelGather(group) if group else None),
+    "mofo": lambda group, params: MoFO(params, lr=0.05, fraction=0.3,
+                                       gather=TensorParallelGather(group) if group else None),
 }
 CASES = [("pp", "moclip"), ("tp", "moclip"), ("tp", "tam"), ("tp", "mofo")]
 

@@ -100,4 +100,5 @@ def test_top_k_mask_breaks_ties_by_index(seed):
         mask = top_k_mask(values, k)
         assert int(mask.sum()) == k
         assert torch.equal(mask, reference_top_k(values, k))
-    assert torch.equal(top_k_mask(torch.tensor([1.0, 3, 3, 3, 0, 3]), 3), torch.tensor([False, True, True, True, False, False]))
+    expected = torch.tensor([False, True, True, True, False, False])
+    assert torch.equal(top_k_mask(torch.tensor([1.0, 3, 3, 3, 0, 3]), 3), expected)

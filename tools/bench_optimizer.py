@@ -90,7 +90,8 @@ def main() -> None:
         base = statistics.median(times["AdamW(foreach)"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            print(f"{name:26s} median {med * 1e3:9.1f} ms  (min {min(ts) * 1e3:9.1f})  ratio to AdamW {med / base:5.2f}")
+            print(f"{name:26s} median {med * 1e3:9.1f} ms  (min {min(ts) * 1e3:9.1f})  "
+                  f"ratio to AdamW {med / base:5.2f}")
 
 
 if __name__ == "__main__":

@@ -210,8 +210,8 @@ class MoClip(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 t = float(state["step"]) + 1.0
                 first = first and t == 1.0
                 # A new tensor, not an in-place add: loaders may share one `step` tensor between params.
@@ -244,7 +244,8 @@ class MoClip(torch.optim.Optimizer):
             if first:  # m_0 = 0: d and mm vanish
                 d = mm = torch.zeros_like(gg)
             else:
-                d = torch.stack([torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]).double().sum()
+                dots = [torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]
+                d = torch.stack(dots).double().sum()
                 mm = torch.stack(_norms(b.foreach, ms)).double().square().sum()
             sums += torch.stack([d, mm, gg]).to(device)
         return sums
@@ -258,9 +259,9 @@ class MoClip(torch.optim.Optimizer):
         if clip is None:
             clipped_grads = grads
         else:
+            # Multiplies by 0-dim tensors keep torch's multi-tensor fast path (a broadcasting addcmul would not).
             clipped_grads = _each(fe, "mul", grads, clip.alpha.float())
-            # A list of 0-dim tensors broadcasts per tensor (a bare tensor here means per-tensor scalars).
-            _each(fe, "addcmul_", clipped_grads, exp_avgs, [clip.beta.float()] * len(grads))
+            _each(fe, "add_", clipped_grads, _each(fe, "mul", exp_avgs, clip.beta.float()))
         _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
         _each(fe, "mul_", exp_avg_sqs, b2)
         _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
