@@ -1,53 +1,49 @@
 """One optimizer step over a global batch with megatron-core's pipeline schedule (any TP/PP/DP)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 
-from replay_megatron.data.dataset import GPTBatch
 from replay_megatron.models.qwen3 import causal_attention_mask
+from replay_megatron.training.objectives import FullVocabCE, Objective
 
 
-def full_vocab_loss(output: torch.Tensor, loss_mask: torch.Tensor):
-    """Per-token SFT loss (sum, count) from GPTModel's per-token cross entropy [b, s] (labels given)."""
-    mask = loss_mask.float()
-    loss_sum = (output.float() * mask).sum()
-    count = mask.sum().to(torch.int)
-    return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), count.float()])}
+def _tokens(micro_batch: Any) -> torch.Tensor:
+    return getattr(micro_batch, "batch", micro_batch).tokens
 
 
-def train_step(model, optimizer, micro_batches: list[GPTBatch],
-               loss_fn: Callable = full_vocab_loss) -> dict[str, float]:
-    """Forward/backward over the micro-batches, then one optimizer step; returns loss and grad norm.
+def train_step(model, optimizer, micro_batches: list, objective: Objective | None = None) -> dict[str, float]:
+    """Forward/backward over this DP rank's micro-batches, then one optimizer step.
 
-    The loss is the per-token mean over the global batch (sum over micro-batches and DP ranks divided by
-    the global count), as Megatron's `calculate_per_token_loss` defines it.
+    Returns the loss (per-token mean over the global batch: sum over micro-batches and DP ranks divided
+    by the global count, as Megatron's `calculate_per_token_loss` defines it; the same value on every
+    rank), the gradient norm and whether the update was applied.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = micro_batches[0].tokens.shape
-    mask = causal_attention_mask(s, micro_batches[0].tokens.device)
-    data = iter(micro_batches)
+    objective = objective or FullVocabCE()
+    b, s = _tokens(micro_batches[0]).shape
+    mask = causal_attention_mask(s, _tokens(micro_batches[0]).device)
 
     def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        output = chunk(batch.tokens, batch.position_ids, mask, labels=batch.labels)
-        return output, lambda out: loss_fn(out, batch.loss_mask)
+        micro_batch = next(data_iterator)
+        output = objective.forward(chunk, micro_batch, mask)
+        return output, lambda out: objective.loss(out, micro_batch)
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=len(micro_batches),
-        seq_length=s, micro_batch_size=b, forward_only=False)
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
-        for item in losses:
-            totals += item["lm loss"].double().cpu()
-    # every rank reports the same loss: sum over DP, then take the last stage's value over PP
+        for logged in losses:
+            totals += next(iter(logged.values())).double().cpu()
+    # sum over DP; only the last stage holds nonzero totals, so a sum over PP broadcasts them
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     return {"loss": (totals[0] / totals[1].clamp_min(1)).item(), "grad_norm": float(grad_norm or 0.0),
-            "update_ok": bool(update_ok)}
+            "update_ok": bool(update_ok), "tokens": int(totals[1].item())}

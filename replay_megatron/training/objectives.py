@@ -1,0 +1,57 @@
+"""Training objectives: what the last pipeline stage computes from a micro-batch (SPEC.md section 2, 4).
+
+An objective has `forward(model_chunk, micro_batch, attention_mask)` (runs the GPTModel) and
+`loss(output, micro_batch) -> (loss_sum, token_count, logs)` (Megatron's per-token loss convention, so the
+schedule and DDP reduce it to the per-token mean over the global batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from replay_megatron.data.dataset import GPTBatch
+from replay_megatron.training.replay_head import ReplayTargets, set_replay_targets
+
+
+class Objective(Protocol):
+    def forward(self, chunk: torch.nn.Module, micro_batch: Any, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def loss(self, output: torch.Tensor, micro_batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]: ...
+
+
+def _per_token(loss_sum: torch.Tensor, count: torch.Tensor, name: str):
+    return loss_sum, count.to(torch.int), {name: torch.stack([loss_sum.detach().float(), count.float()])}
+
+
+class FullVocabCE:
+    """Full-vocabulary cross entropy on every loss-bearing token (the SFT baselines)."""
+
+    def forward(self, chunk, micro_batch: GPTBatch, attention_mask):
+        return chunk(micro_batch.tokens, micro_batch.position_ids, attention_mask, labels=micro_batch.labels)
+
+    def loss(self, output, micro_batch: GPTBatch):
+        mask = micro_batch.loss_mask.float()
+        return _per_token((output.float() * mask).sum(), mask.sum(), "lm loss")
+
+
+@dataclass
+class ReplayMicroBatch:
+    """A token micro-batch and the Stage 0 candidates of its stored positions."""
+
+    batch: GPTBatch
+    targets: ReplayTargets
+
+
+class RestrictedCE:
+    """Logits Replay: restricted cross entropy on the stored candidate sets (SPEC.md section 2)."""
+
+    def forward(self, chunk, micro_batch: ReplayMicroBatch, attention_mask):
+        with set_replay_targets(chunk, micro_batch.targets):
+            return chunk(micro_batch.batch.tokens, micro_batch.batch.position_ids, attention_mask)
+
+    def loss(self, output, micro_batch: ReplayMicroBatch):
+        # `output` is [b, s, 1]: the per-position loss at stored positions, 0 elsewhere.
+        count = torch.tensor(float(micro_batch.targets.num_positions))
+        return _per_token(output.float().sum(), count, "replay loss")
