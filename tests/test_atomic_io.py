@@ -25,3 +25,14 @@ def test_failed_write_keeps_old_content(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_atomic_write_uses_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(tmp_path / "f", b"x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
