@@ -46,10 +46,11 @@ def reference_ce(hidden, weight, candidates, targets):
 
 
 def reference_kl(hidden, weight, candidates, targets, teacher):
-    logp = reference_log_probs(hidden, weight, candidates).nan_to_num(0.0, neginf=0.0)
-    q, log_q = renormalized_teacher(teacher.double(), candidates)
-    kl = (q.double() * (log_q.double() - logp)).sum(1)
-    return torch.where(targets >= 0, kl, 0.0)
+    """float64 KL(teacher || student), both softmaxed over the candidate set only."""
+    logp = reference_log_probs(hidden, weight, candidates)
+    log_q = torch.log_softmax(teacher.double().masked_fill(candidates < 0, float("-inf")), dim=1)
+    terms = torch.where(candidates >= 0, log_q.exp() * (log_q - logp), 0.0)
+    return torch.where(targets >= 0, terms.sum(1), 0.0)
 
 
 def loss_and_grads(fn, hidden, weight, *args, upstream=None, **kwargs):
@@ -190,3 +191,12 @@ def test_bad_shapes_and_options_are_rejected():
 
 def test_auto_backend_on_cpu_is_the_pytorch_path():
     assert isinstance(_select_backend(torch.device("cpu"), "auto", 8), TorchCandidates)
+
+
+def test_renormalized_teacher_is_a_softmax_over_the_candidates_only():
+    candidates = torch.tensor([[4, -1, 7], [-1, -1, -1], [2, 3, -1]])
+    logits = torch.tensor([[1.0, 50.0, 3.0], [0.0, 0.0, 0.0], [0.5, 0.5, -9.0]])
+    probs, log_probs = renormalized_teacher(logits, candidates)
+    expected = torch.tensor([[1 / (1 + torch.e ** 2), 0.0, 1 / (1 + torch.e ** -2)], [0, 0, 0], [0.5, 0.5, 0.0]])
+    assert torch.allclose(probs, expected, atol=1e-7)
+    assert torch.allclose(log_probs, torch.where(candidates >= 0, expected.log(), 0.0), atol=1e-6)

@@ -45,7 +45,7 @@ class CandidateBackend(Protocol):
         """dh [N, H] = sum_j dzr_j W_rows_j and dW [V_local, H] += dzr_j h (fp32; None when not needed)."""
 
 
-def local_softmax_stats(zr: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _local_softmax_stats(zr: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(max, sum exp(zr - max), sum q * zr) per row of masked logits zr (-inf = masked, q = 0 there)."""
     m = zr.amax(dim=1)
     s = torch.exp(zr - _finite_or_zero(m)[:, None]).sum(dim=1)
@@ -89,7 +89,7 @@ class TorchCandidates:
             for s, e, w in self._gathered_rows(weight, rows):
                 zr[s:e] = torch.bmm(w, hidden[s:e].float().unsqueeze(-1)).squeeze(-1)
             zr.masked_fill_(~live, float("-inf"))
-        return (zr, *local_softmax_stats(zr, q))
+        return (zr, *_local_softmax_stats(zr, q))
 
     def grads(self, dzr, hidden, weight, rows, need_dh, need_dw):
         live = rows >= 0
@@ -273,7 +273,7 @@ def renormalized_teacher(teacher_logits: torch.Tensor, candidates: torch.Tensor)
     0 and 0 at padding (and on rows with no candidate)."""
     pad = candidates < 0
     log_q = torch.log_softmax(teacher_logits.float().masked_fill(pad, float("-inf")), dim=1)
-    log_q = torch.where(pad, 0.0, log_q).nan_to_num(0.0)
+    log_q = torch.where(pad, 0.0, log_q)  # an all-padding row's NaNs are padding too
     return torch.where(pad, 0.0, log_q.exp()), log_q
 
 
