@@ -1,0 +1,55 @@
+"""`replay-megatron collect --config FILE [key=value ...]`: Stage 0, the replay store of SPEC.md section 1.
+
+Runs the base model forward-only over `data.train` with megatron-core at the configured TP x PP (DP = world
+size / (TP x PP)) and writes `collect.store_dir`. Launch it like training:
+
+    NPROC=4 launch/cpu_gloo.sh collect configs/cpu/tiny_tp2pp1.yaml run.data_root=/tmp/tiny   # CPU, gloo
+    torchrun --nproc-per-node 8 -m replay_megatron collect --config FILE ...                 # CUDA / NPU
+
+Without torchrun (no WORLD_SIZE in the environment) it runs as a single process. Re-running the same
+command after a crash resumes from the committed samples. Exit codes: 0 done, 2 refused input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "Stage 0: dynamic Top-K collection into a replay store (forward only, any TP/PP/DP)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `collect`."""
+    parser.add_argument("config_file", nargs="?", help="YAML config file (or use --config)")
+    parser.add_argument("--config", dest="config_opt", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. collect.tau=0.9")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config, collect, print the store summary on rank 0."""
+    from replay_megatron.config import ConfigError, load_config
+    from replay_megatron.replay.collect import collect, format_summary
+    from replay_megatron.replay.store import ReplayStoreError
+
+    path = args.config_opt or args.config_file
+    overrides = list(args.overrides)
+    if args.config_opt and args.config_file:  # `--config FILE a=b`: the positional slot took the first override
+        overrides.insert(0, args.config_file)
+    if path is None:
+        print("replay-megatron collect: error: give the config as --config FILE", file=sys.stderr)
+        return 2
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(path, overrides, world_size=world_size)
+        summary = collect(cfg, world_size=world_size, progress=False if args.no_progress else None)
+    except (ConfigError, ReplayStoreError, ValueError, FileNotFoundError) as e:
+        print(f"replay-megatron collect: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from replay_megatron.platform.distributed import shutdown
+
+        shutdown()
+    if summary is not None:
+        print(format_summary(summary, cfg.input_path(cfg.collect.store_dir)))
+    return 0

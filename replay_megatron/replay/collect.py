@@ -1,0 +1,362 @@
+"""Stage 0 of Logits Replay (SPEC.md section 1): run the base model over the training data once, store S_t.
+
+The megatron-core Qwen3 runs forward-only through megatron's pipeline schedule at any TP x PP x DP. On the
+last pipeline stage each micro-batch's vocab-parallel logits [b, s, V/TP] go through `select_records`:
+padded-vocabulary columns set to -inf, each sample's loss-bearing positions (loss_mask[t] == 1, target
+labels[t]) narrowed by the position strategy (`bucket` first computes the gold confidences), then one
+`dynamic_topk` over the chosen rows of all samples on the TP group. TP rank 0 of the last stage of each DP
+group writes shard `dp_rank` of the replay store.
+
+Resume. The writer's committed sample ids are the progress record. The writing rank decides which of its
+DP rank's micro-batches still hold an uncommitted sample and broadcasts that list over its model-parallel
+group (every TP rank and PP stage of the DP rank), so all ranks run the same pipeline schedule. Results
+per sample do not depend on which micro-batches ran, so a resumed store equals an uninterrupted one byte
+for byte.
+
+Fingerprints (manifest `fingerprints`): `model` = `fingerprint_files` of the HF checkpoint dir (or of the
+megatron checkpoint dir when `model.mcore_checkpoint` is set); for a preset with random initialisation it
+is `fingerprint_json({"preset_config": hf, "seed": run.seed})` - such weights also depend on the TP/PP
+layout, so a preset store is for smoke tests only. `tokenizer` and `dataset` are the token store's own
+fingerprints. `<store>/collect.json` records them (with the DP size) when collection starts, and a
+re-run against another model, tokenizer, dataset or DP size is refused before any work, naming which.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from replay_megatron.atomic_io import atomic_write_json
+from replay_megatron.replay.fingerprint import fingerprint_files, fingerprint_json
+from replay_megatron.replay.positions import select_positions
+from replay_megatron.replay.selection import TopKSelection, dynamic_topk, gold_probability
+from replay_megatron.replay.store import MANIFEST_NAME, ReplayStore, ReplayStoreError, ReplayStoreWriter
+
+START_RECORD = "collect.json"
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """What decides the stored records (SPEC.md section 1): selection, positions, batching."""
+
+    tau: float
+    k_max: int
+    strategy: str
+    amount: int | float
+    buckets: int
+    seed: int
+    store_logits: str | None  # None | fp16 | bf16 | fp32
+    micro_batch_size: int
+    seq_length: int
+
+    @classmethod
+    def from_config(cls, cfg) -> CollectSettings:
+        c = cfg.collect
+        return cls(tau=c.tau, k_max=c.k_max, strategy=c.positions.strategy, amount=c.positions.amount,
+                   buckets=c.positions.buckets, seed=cfg.run.seed,
+                   store_logits=None if c.store_logits == "none" else c.store_logits,
+                   micro_batch_size=c.micro_batch_size, seq_length=cfg.data.seq_length)
+
+
+class SampleRecords(NamedTuple):
+    """The stored positions of one sample, ready for `ReplayStoreWriter.add`."""
+
+    sample_id: int
+    positions: torch.Tensor  # [n] int64, ascending
+    targets: torch.Tensor  # [n] int64
+    selection: TopKSelection
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """Set the columns of padded vocabulary rows (global id >= V) of a [..., V_local] shard to -inf, in place."""
+    pad_from = max(0, vocab_size - vocab_start)
+    if pad_from < logits.shape[-1]:
+        logits[..., pad_from:] = float("-inf")
+    return logits
+
+
+def _flatten(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, position) pairs of per-row position lists, for gathering [N, V_local] logit rows."""
+    empty = [torch.empty(0, dtype=torch.int64)]
+    row_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(per_row)] or empty)
+    return row_of.to(device), torch.cat(per_row or empty).to(device)
+
+
+def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, sample_ids: torch.Tensor,
+                   settings: CollectSettings, *, vocab_size: int, vocab_start: int = 0,
+                   tp_group=None) -> list[SampleRecords]:
+    """SPEC.md section 1 for one micro-batch: positions per sample, then dynamic Top-K on all chosen rows.
+
+    `logits` [b, s, V_local] (this TP rank's shard, modified in place: vocab padding -> -inf), `labels` and
+    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row). A collective on
+    `tp_group`: every TP rank must call it with the same batch.
+    """
+    mask_vocab_padding(logits, vocab_start, vocab_size)
+    rows = [(int(sid), (loss_mask[i] > 0).nonzero().squeeze(-1).cpu()) for i, sid in enumerate(sample_ids.tolist())
+            if sid >= 0]
+    confidences = [None] * len(rows)
+    if settings.strategy == "bucket":
+        row_of, positions = _flatten([pos for _, pos in rows], logits.device)
+        c = gold_probability(logits[row_of, positions], labels[row_of, positions], vocab_start=vocab_start,
+                             tp_group=tp_group).cpu().numpy()
+        confidences = np.split(c, np.cumsum([len(pos) for _, pos in rows])[:-1])
+    chosen = [torch.from_numpy(select_positions(settings.strategy, pos.numpy(), sample_id=sid, seed=settings.seed,
+                                                amount=settings.amount, confidences=conf,
+                                                buckets=settings.buckets))
+              for (sid, pos), conf in zip(rows, confidences)]
+    row_of, positions = _flatten(chosen, logits.device)
+    targets = labels[row_of, positions]
+    selection = dynamic_topk(logits[row_of, positions], targets, settings.tau, settings.k_max,
+                             vocab_start=vocab_start, tp_group=tp_group,
+                             return_logits=settings.store_logits is not None)
+    out, start = [], 0
+    for (sid, _), pos in zip(rows, chosen):
+        part = slice(start, start + len(pos))
+        start += len(pos)
+        out.append(SampleRecords(sid, pos, targets[part], TopKSelection(
+            *(None if t is None else t[part] for t in selection))))
+    return out
+
+
+# --- Fingerprints and the start record ---------------------------------------------------------------------
+
+def model_fingerprint(cfg) -> str:
+    """The manifest's `model` fingerprint of the configured base model (see the module doc)."""
+    from replay_megatron.config import model_hf_config
+
+    if cfg.model.mcore_checkpoint is not None:
+        return fingerprint_files([cfg.input_path(cfg.model.mcore_checkpoint)])
+    if cfg.model.hf_path is not None:
+        return fingerprint_files([cfg.input_path(cfg.model.hf_path)])
+    return fingerprint_json({"preset_config": model_hf_config(cfg), "seed": cfg.run.seed})
+
+
+def manifest_config(settings: CollectSettings, cfg, dp: int) -> dict[str, Any]:
+    """The `config` a store's manifest records: every setting that shapes the records, no paths (a store
+    collected elsewhere, or resumed from another directory, gets the same manifest)."""
+    return {"collect": {"tau": settings.tau, "k_max": settings.k_max, "store_logits": settings.store_logits,
+                        "micro_batch_size": settings.micro_batch_size,
+                        "positions": {"strategy": settings.strategy, "amount": settings.amount,
+                                      "buckets": settings.buckets}},
+            "seed": settings.seed, "seq_length": settings.seq_length,
+            "model": {"params_dtype": cfg.model.params_dtype,
+                      "make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by},
+            "parallel": {"tp": cfg.parallel.tensor_model_parallel_size,
+                         "pp": cfg.parallel.pipeline_model_parallel_size, "dp": dp}}
+
+
+def check_start_record(store_dir: Path, record: Mapping[str, Any]) -> None:
+    """Refuse to continue a store begun (or finished) with another model/tokenizer/dataset/config/DP size."""
+    path = store_dir / START_RECORD
+    if not path.is_file():
+        if (store_dir / MANIFEST_NAME).exists() or any(store_dir.glob("shard-*")) or any(store_dir.glob("parts-*")):
+            raise ReplayStoreError(f"{store_dir} holds replay store files but no {START_RECORD}: not a store "
+                                   f"this command started; choose an empty collect.store_dir")
+        return
+    found = json.loads(path.read_text())
+    for key in ("model", "tokenizer", "dataset"):
+        if found["fingerprints"].get(key) != record["fingerprints"][key]:
+            raise ReplayStoreError(
+                f"{store_dir} was collected with another {key}: fingerprint '{key}' differs ({path}: "
+                f"{found['fingerprints'].get(key)}, now: {record['fingerprints'][key]}); use a new "
+                f"collect.store_dir or the original {key}")
+    if found.get("config") != record["config"]:
+        raise ReplayStoreError(f"{store_dir} was started with collect config {found.get('config')}, this run has "
+                               f"{record['config']}; resume with the same settings and world size, or use a new "
+                               f"collect.store_dir")
+
+
+def preflight(cfg, world_size: int) -> dict[str, Any]:
+    """File checks before any device work; returns the start record {fingerprints, config, vocab_size}.
+
+    Refuses: a missing data.train or collect.store_dir, a token store whose vocabulary exceeds the model's,
+    a data.tokenizer whose fingerprint differs from the one the token store was built with, a store dir
+    begun with another model/tokenizer/dataset/config (`check_start_record`).
+    """
+    from replay_megatron.config import model_hf_config
+    from replay_megatron.data.token_store import TokenDataset
+
+    if cfg.data.train is None or cfg.collect.store_dir is None:
+        raise ValueError("collect needs data.train (a token store) and collect.store_dir")
+    dataset = TokenDataset(cfg.input_path(cfg.data.train))
+    hf = model_hf_config(cfg)
+    if dataset.vocab_size > hf["vocab_size"]:
+        raise ValueError(f"token store {dataset.path} has vocab_size {dataset.vocab_size}, more than the model's "
+                         f"vocab_size {hf['vocab_size']}: the model and the tokenizer do not match")
+    if cfg.data.tokenizer is not None:
+        from replay_megatron.data.tokenizer import load_tokenizer
+
+        tok_fp = load_tokenizer(cfg.input_path(cfg.data.tokenizer)).fingerprint()
+        if tok_fp != dataset.tokenizer_fingerprint:
+            raise ReplayStoreError(f"data.tokenizer {cfg.data.tokenizer} has fingerprint {tok_fp}, but token "
+                                   f"store {dataset.path} was built with tokenizer {dataset.tokenizer_fingerprint}")
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by TP*PP = {tp * pp}")
+    record = {"fingerprints": {"model": model_fingerprint(cfg), "tokenizer": dataset.tokenizer_fingerprint,
+                               "dataset": dataset.fingerprint},
+              "config": manifest_config(CollectSettings.from_config(cfg), cfg, world_size // (tp * pp)),
+              "vocab_size": int(hf["vocab_size"])}
+    check_start_record(Path(cfg.input_path(cfg.collect.store_dir)), record)
+    return record
+
+
+# --- The model --------------------------------------------------------------------------------------------
+
+def build_base_model(cfg, hf: Mapping[str, Any], layout) -> torch.nn.Module:
+    """This rank's stage of the base model in eval mode, weights from the configured source."""
+    from replay_megatron.models.conversion import load_hf_into_model
+    from replay_megatron.models.qwen3 import build_model, transformer_config
+
+    config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=cfg.model.params_dtype)
+    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+                        vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    model.to(layout.device.torch_device)
+    if cfg.model.mcore_checkpoint is not None:
+        # Hook: megatron-core checkpoints via models.checkpoint.load_megatron (written by the checkpoint work).
+        from replay_megatron.models.checkpoint import load_megatron
+
+        load_megatron(model, cfg.input_path(cfg.model.mcore_checkpoint), hf)
+    elif cfg.model.hf_path is not None:
+        from safetensors.torch import load_file
+
+        hf_dir = cfg.input_path(cfg.model.hf_path)
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"model.hf_path {hf_dir} has no *.safetensors weights")
+        hf_sd = {name: t for f in files for name, t in load_file(f).items()}
+        load_hf_into_model(model, hf_sd, hf, tp=layout.tp, tp_rank=layout.tp_rank)
+    return model.eval()
+
+
+# --- The loop ---------------------------------------------------------------------------------------------
+
+def _share_todo(todo: list[int] | None, layout) -> list[int]:
+    """The writer's list of micro-batches still to run (None on other ranks), given to every rank of its
+    model-parallel group (all TP ranks and PP stages of this DP rank), so they run the same schedule."""
+    from megatron.core import parallel_state as ps
+
+    if layout.tp * layout.pp == 1:
+        return todo
+    group = ps.get_model_parallel_group()
+    gathered: list[list[int] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, todo, group=group)
+    return next(t for t in gathered if t is not None)
+
+
+def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None, commit_every: int = 256,
+            progress: bool | None = None) -> dict[str, Any] | None:
+    """Run Stage 0 for `cfg` on this process (one rank of a torchrun/msrun job, or a single process).
+
+    Returns the store summary on rank 0 (None elsewhere). `stop_after`: return after that many micro-batches
+    of this rank without closing the writer (what a kill leaves behind; for tests). `commit_every`: samples
+    per committed part file (the most a crash can lose).
+    """
+    from replay_megatron.config import model_hf_config, save_resolved
+    from replay_megatron.data.dataset import make_batch, sequential_micro_batches
+    from replay_megatron.data.token_store import TokenDataset
+    from replay_megatron.models.forward import pipeline_forward
+    from replay_megatron.platform.distributed import initialize
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    record = preflight(cfg, world)
+    settings = CollectSettings.from_config(cfg)
+    hf = model_hf_config(cfg)
+    store_dir = Path(cfg.input_path(cfg.collect.store_dir))
+    layout = initialize(device=cfg.platform.device, tp=cfg.parallel.tensor_model_parallel_size,
+                        pp=cfg.parallel.pipeline_model_parallel_size, seed=cfg.run.seed,
+                        num_layers=hf["num_hidden_layers"])
+    if layout.rank == 0:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(store_dir / START_RECORD, record)
+        save_resolved(cfg, store_dir)
+    dist.barrier()
+
+    from megatron.core import parallel_state as ps
+
+    dataset = TokenDataset(cfg.input_path(cfg.data.train))
+    pad_id = int(dataset.meta["tokenizer"].get("pad_id") or 0)
+    is_writer = layout.is_last_stage and layout.tp_rank == 0
+    writer = ReplayStoreWriter(store_dir, layout.dp_rank, k_max=settings.k_max, logits_dtype=settings.store_logits,
+                               commit_every=commit_every) if is_writer else None
+    index_batches = list(sequential_micro_batches(len(dataset), settings.micro_batch_size, layout.dp, layout.dp_rank))
+    todo = None
+    if writer is not None:
+        done = writer.committed_sample_ids
+        todo = [] if writer.closed else [m for m, idx in enumerate(index_batches) if not done.issuperset(idx)]
+    todo = _share_todo(todo, layout)
+    if stop_after is not None:
+        todo = todo[:stop_after]
+
+    model = build_base_model(cfg, hf, layout)
+    tp_group = ps.get_tensor_model_parallel_group() if layout.tp > 1 else None
+    device = layout.device.torch_device
+    show = (cfg.logging.progress_bar if progress is None else progress) and layout.rank == 0
+    bar = _progress(len(index_batches), len(index_batches) - len(todo), show)
+    chunk = 4 * layout.pp  # micro-batches in flight per pipeline_forward call
+    sized = [list(g) for _, g in groupby(todo, key=lambda m: len(index_batches[m]))]
+    for group in sized:
+        for start in range(0, len(group), chunk):
+            ids = group[start:start + chunk]
+            batches = [make_batch([dataset[i] for i in index_batches[m]], settings.seq_length, pad_id).to(device)
+                       for m in ids]
+
+            on_output = _store_callback(batches, settings, writer, vocab_size=hf["vocab_size"],
+                                        tp_rank=layout.tp_rank, tp_group=tp_group)
+            pipeline_forward(model, [b.tokens for b in batches], on_output)
+            bar.update(len(ids))
+    bar.close()
+    if stop_after is not None:
+        return None
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    if layout.rank != 0:
+        return None
+    if not (store_dir / MANIFEST_NAME).exists():
+        from replay_megatron.replay.store import finalize_store
+
+        finalize_store(store_dir, layout.dp, config=record["config"], fingerprints=record["fingerprints"],
+                       vocab_size=record["vocab_size"])
+    return ReplayStore.open(store_dir, expect=record["fingerprints"]).summary()
+
+
+def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStoreWriter | None, *,
+                    vocab_size: int, tp_rank: int, tp_group):
+    """`pipeline_forward`'s on_output: select the records of micro-batch i and hand new samples to the writer."""
+    def on_output(logits: torch.Tensor, i: int) -> None:
+        batch = batches[i]
+        records = select_records(logits.float(), batch.labels, batch.loss_mask, batch.sample_ids, settings,
+                                 vocab_size=vocab_size, vocab_start=tp_rank * logits.shape[-1], tp_group=tp_group)
+        if writer is not None:
+            done = writer.committed_sample_ids  # a resumed micro-batch may hold committed samples
+            for r in records:
+                if r.sample_id not in done:
+                    writer.add(r.sample_id, r.positions, r.targets, r.selection)
+
+    return on_output
+
+
+def _progress(total: int, initial: int, show: bool):
+    """tqdm over micro-batches on rank 0; a no-op object elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="collect", unit="micro-batch", disable=not show)
+
+
+def format_summary(summary: Mapping[str, float | int], store_dir: str | Path) -> str:
+    """The closing lines of `collect` (issue 3, item 4)."""
+    s = summary
+    return (f"replay store {store_dir}: {s['samples']} samples, {s['positions']} positions stored\n"
+            f"  K_t median {s['k_median']:.1f}  mean {s['k_mean']:.2f}  p90 {s['k_p90']:.1f}\n"
+            f"  gold appended {100 * s['gold_appended_rate']:.2f}%  mean covered mass {s['covered_mass_mean']:.4f}\n"
+            f"  {s['bytes_per_position']:.1f} bytes per position = {100 * s['fraction_of_fp16_logits']:.3f}% of "
+            f"full fp16 logits ({s['bytes']} bytes)")
+
