@@ -6,6 +6,7 @@ in rank order; a failure in any rank is re-raised in the parent with that rank's
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -26,8 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, env: dict) -> None:
-    os.environ.update(env)
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -52,16 +66,16 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     """Run `fn(*args)` on `world_size` spawned processes; return the per-rank results in rank order.
 
     `fn` must be importable (module level) and its result picklable. `env` is added to each child's
-    environment (e.g. OMP_NUM_THREADS).
+    environment from its start (before `fn`'s module is imported, so e.g. TRITON_INTERPRET takes effect).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    child_env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, child_env), daemon=False)
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue), daemon=False)
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    with _environment({"OMP_NUM_THREADS": "1", **(env or {})}):  # spawned children inherit os.environ
+        for p in procs:
+            p.start()
     results: dict[int, Any] = {}
     failures: list[str] = []
     try:
