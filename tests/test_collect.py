@@ -38,7 +38,7 @@ def _token_store(out: Path, tokenizer_fp: str, seed: int = 0, n: int = 11) -> No
 
 def _config(root: Path, name: str, tp: int = 1, pp: int = 1, store: str | None = None, data: str = "tokens"):
     body = {"run": {"name": name, "data_root": str(root), "seed": 7}, "platform": {"device": "cpu"},
-            "model": {"hf_path": "hf", "params_dtype": "fp32"},
+            "model": {"hf_path": "hf", "params_dtype": "fp32", "make_vocab_size_divisible_by": 128},
             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
             "data": {"train": data, "seq_length": SEQ},
             "collect": {"tau": TAU, "k_max": K_MAX, "store_logits": "fp32", "micro_batch_size": 2,
@@ -71,7 +71,7 @@ def collect_job(config_path: str, runs: list[dict]) -> list:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("collect")
-    hf = tiny_hf_config()
+    hf = tiny_hf_config(vocab_size=500)  # padded to 512 at TP1 and TP2: rows 500-511 are padding
     model = tiny_hf_model(hf)
     with torch.no_grad():  # sharper next-token distributions, so K_t spreads below K_MAX
         model.model.norm.weight.mul_(3.0)
@@ -109,6 +109,7 @@ def test_layouts_store_the_same_records(stores, layout):
     assert len(shard_ids) == (2 if layout == "dp2" else 1) and set.union(*shard_ids) == set(range(11))
     assert sum(map(len, shard_ids)) == 11  # disjoint shards
     summary = ref.summary()
+    assert all(int(r.candidates.max()) < 500 for r in _records(got).values())  # never a padded row
     assert 1.5 < summary["k_mean"] < K_MAX - 1 and summary["gold_appended_rate"] > 0  # a non-trivial selection
     exempt = 0
     for sid, (a, b) in enumerate(zip(_records(ref).values(), _records(got).values())):
@@ -134,6 +135,29 @@ def test_resumed_store_is_byte_identical(stores):
                            if p.is_file() and p.name != "resolved.yaml")
     for f in files:
         assert (ref / f).read_bytes() == (resumed / f).read_bytes(), f
+
+
+def test_select_records_masks_vocab_padding_and_equals_dynamic_topk():
+    """One micro-batch by hand: padded columns (huge logits here) never chosen; rows = dynamic_topk on the
+    real vocabulary at the loss-bearing positions."""
+    from replay_megatron.replay.collect import CollectSettings, select_records
+    from replay_megatron.replay.selection import dynamic_topk
+
+    g = torch.Generator().manual_seed(0)
+    vocab, padded = 30, 32
+    logits = torch.randn(2, 6, padded, generator=g) * 3
+    logits[..., vocab:] = 100.0
+    labels = torch.randint(0, vocab, (2, 6), generator=g)
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    settings = CollectSettings(tau=TAU, k_max=4, strategy="all", amount=1.0, buckets=1, seed=0, store_logits=None,
+                               micro_batch_size=2, seq_length=6)
+    expected_logits = logits[..., :vocab].clone()
+    records = select_records(logits, labels, loss_mask, torch.tensor([5, -1]), settings, vocab_size=vocab)
+    assert [r.sample_id for r in records] == [5]  # the -1 row is a filler
+    (r,) = records
+    assert r.positions.tolist() == [2, 3, 4] and torch.equal(r.targets, labels[0, 2:5])
+    ref = dynamic_topk(expected_logits[0, 2:5], labels[0, 2:5], TAU, 4)
+    assert torch.equal(r.selection.candidates, ref.candidates) and torch.equal(r.selection.k, ref.k)
 
 
 @pytest.mark.multiproc

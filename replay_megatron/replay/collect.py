@@ -8,10 +8,13 @@ labels[t]) narrowed by the position strategy (`bucket` first computes the gold c
 group writes shard `dp_rank` of the replay store.
 
 Resume. The writer's committed sample ids are the progress record. The writing rank decides which of its
-DP rank's micro-batches still hold an uncommitted sample and broadcasts that list over its model-parallel
-group (every TP rank and PP stage of the DP rank), so all ranks run the same pipeline schedule. Results
-per sample do not depend on which micro-batches ran, so a resumed store equals an uninterrupted one byte
-for byte.
+DP rank's micro-batches still hold an uncommitted sample and shares that list (all-gather of objects) over
+its model-parallel group (every TP rank and PP stage of the DP rank), so all ranks run the same pipeline
+schedule; a half-committed micro-batch is recomputed and only its new samples are written. Micro-batches
+are formed the same way in every run, so a resumed store equals an uninterrupted one byte for byte.
+
+Every rank runs `preflight` (file checks, fingerprints: each rank hashes the checkpoint once, about 1 s
+per GB, from the page cache after the first) before any process group or model exists.
 
 Fingerprints (manifest `fingerprints`): `model` = `fingerprint_files` of the HF checkpoint dir (or of the
 megatron checkpoint dir when `model.mcore_checkpoint` is set); for a preset with random initialisation it
@@ -94,7 +97,8 @@ def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
                    tp_group=None) -> list[SampleRecords]:
     """SPEC.md section 1 for one micro-batch: positions per sample, then dynamic Top-K on all chosen rows.
 
-    `logits` [b, s, V_local] (this TP rank's shard, modified in place: vocab padding -> -inf), `labels` and
+    `logits` [b, s, V_local] (this TP rank's shard in the model's dtype, modified in place: vocab padding ->
+    -inf; selection works in fp32 on the gathered rows only), `labels` and
     `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row). A collective on
     `tp_group`: every TP rank must call it with the same batch.
     """
@@ -333,7 +337,7 @@ def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStor
     """`pipeline_forward`'s on_output: select the records of micro-batch i and hand new samples to the writer."""
     def on_output(logits: torch.Tensor, i: int) -> None:
         batch = batches[i]
-        records = select_records(logits.float(), batch.labels, batch.loss_mask, batch.sample_ids, settings,
+        records = select_records(logits, batch.labels, batch.loss_mask, batch.sample_ids, settings,
                                  vocab_size=vocab_size, vocab_start=tp_rank * logits.shape[-1], tp_group=tp_group)
         if writer is not None:
             done = writer.committed_sample_ids  # a resumed micro-batch may hold committed samples
