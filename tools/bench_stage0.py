@@ -43,7 +43,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--k-max", type=int, default=200)
     p.add_argument("--store-logits", default="none", choices=("none", "fp16", "bf16", "fp32"))
     p.add_argument("--logit-scale", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--strategies", default="all,bucket")
     return p.parse_args()
 
