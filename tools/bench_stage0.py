@@ -8,7 +8,7 @@ row of the table:
             padding mask, position strategy, vocab-parallel dynamic Top-K) and the replay-store writer,
             including the final merge of the shard; one row per position strategy
 
-Times are the fastest of --repeats runs after one warm-up (wall clock; on CPU also process CPU seconds,
+Times are the fastest of --repeats (default 1) runs after one warm-up (wall clock; on CPU also process CPU seconds,
 less distorted on a shared machine). Storage is the finished store's bytes per stored position and its
 fraction of full fp16 logits (2*V bytes per position). Random weights give flat next-token
 distributions; --logit-scale multiplies the final norm so K_t falls below K_max as with a trained model
