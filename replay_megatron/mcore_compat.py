@@ -3,8 +3,9 @@ up to 0.16.1) lives here; the rest of replay-megatron calls these wrappers and n
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import megatron.core
 from packaging.version import Version
@@ -47,3 +48,37 @@ def te_layer_spec(qk_layernorm: bool = True) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+
+@contextlib.contextmanager
+def inner_adam_class(cls: type) -> Iterator[None]:
+    """Within the block, megatron-core's `get_megatron_optimizer(optimizer='adam')` instantiates
+    `cls(params=param_groups, lr=, weight_decay=, betas=, eps=, ...)` instead of its Adam.
+
+    0.16 picks `torch.optim.AdamW`/`torch.optim.Adam` when neither Transformer Engine nor Apex is
+    installed, else the module-level `Adam` of `megatron.core.optimizer` (with `adam_w_mode`); 0.12
+    calls that module-level `Adam` (torch's AdamW as the fallback). The DistributedOptimizer asserts
+    `isinstance(optimizer, (Adam, torch.optim.AdamW))` with its own module-level `Adam`. All these names
+    are substituted, so `cls` must be a class (a MoClip subclass).
+    """
+    import torch
+    import megatron.core.optimizer as mcore_optimizer
+    import megatron.core.optimizer.distrib_optimizer as mcore_distrib_optimizer
+
+    targets = [(torch.optim, "AdamW"), (torch.optim, "Adam"), (mcore_optimizer, "Adam"),
+               (mcore_distrib_optimizer, "Adam")]
+    saved = [getattr(owner, name) for owner, name in targets]
+    try:
+        for owner, name in targets:
+            setattr(owner, name, cls)
+        yield
+    finally:
+        for (owner, name), original in zip(targets, saved):
+            setattr(owner, name, original)
+
+
+def grad_stats_group(optimizer: Any) -> Any:
+    """The process group a megatron-core optimizer wrapper reduces its gradient norm over."""
+    if hasattr(optimizer, "get_grad_stats_parallel_group"):
+        return optimizer.get_grad_stats_parallel_group()
+    return optimizer.get_model_parallel_group()  # releases before get_grad_stats_parallel_group
