@@ -7,6 +7,7 @@ rank owns an equal slice (SPEC.md notation: rows [tp_rank*V/TP, (tp_rank+1)*V/TP
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Mapping
 
 import torch
@@ -88,11 +89,19 @@ def transformer_config(hf: Mapping[str, Any], *, tp: int = 1, pp: int = 1, param
     return TransformerConfig(**kwargs)
 
 
+def transformer_engine_usable() -> bool:
+    """Transformer Engine is installed and a CUDA device is present (never on CPU or NPU)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
 def build_model(hf: Mapping[str, Any], config, *, pre_process: bool, post_process: bool,
-                vocab_divisible_by: int = 1, use_te: bool = False):
-    """The local stage of a Qwen3 GPTModel (local spec; TE spec only when asked and installed)."""
+                vocab_divisible_by: int = 1, use_te: bool | None = None):
+    """The local stage of a Qwen3 GPTModel: the TE spec where Transformer Engine is usable (`use_te=None`
+    decides), megatron-core's local spec otherwise (CPU, NPU)."""
     from megatron.core.models.gpt import GPTModel
 
+    if use_te is None:
+        use_te = transformer_engine_usable()
     spec = mcore_compat.te_layer_spec() if use_te else mcore_compat.local_layer_spec()
     return GPTModel(
         config=config, transformer_layer_spec=spec,
