@@ -223,20 +223,15 @@ def build_base_model(cfg, hf: Mapping[str, Any], layout) -> torch.nn.Module:
     model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     model.to(layout.device.torch_device)
-    if cfg.model.mcore_checkpoint is not None:
-        # Hook: megatron-core checkpoints via models.checkpoint.load_megatron (written by the checkpoint work).
+    if cfg.model.mcore_checkpoint is not None:  # any TP/PP (megatron-core distributed checkpoint)
         from replay_megatron.models.checkpoint import load_megatron
 
         load_megatron(model, cfg.input_path(cfg.model.mcore_checkpoint), hf)
-    elif cfg.model.hf_path is not None:
-        from safetensors.torch import load_file
+    elif cfg.model.hf_path is not None:  # each rank reads only its stage's tensors
+        from replay_megatron.models.checkpoint import LazySafetensors
 
-        hf_dir = cfg.input_path(cfg.model.hf_path)
-        files = sorted(hf_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"model.hf_path {hf_dir} has no *.safetensors weights")
-        hf_sd = {name: t for f in files for name, t in load_file(f).items()}
-        load_hf_into_model(model, hf_sd, hf, tp=layout.tp, tp_rank=layout.tp_rank)
+        load_hf_into_model(model, LazySafetensors(cfg.input_path(cfg.model.hf_path)), hf, tp=layout.tp,
+                           tp_rank=layout.tp_rank)
     return model.eval()
 
 
