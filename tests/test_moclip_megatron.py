@@ -1,6 +1,8 @@
 """MoClip inside megatron-core's optimizer stack (optim.megatron.build_optimizer): 5 steps of a tiny
 Qwen3 at TP2xPP2 (FP32Optimizer) and at DP2 (DistributedOptimizer, state sharded over DP) equal one
-process on the same data (fp32, parameters within 1e-5; the logged global cos(phi) per step equal)."""
+process on the same data (fp32, parameters within 1e-5; the logged global cos(phi) per step equal);
+resuming the DP2 run from a megatron dist checkpoint of model + MoClip state at step 3 equals the
+uninterrupted run at step 6."""
 import pytest
 import torch
 
@@ -100,3 +102,72 @@ def run_dp_rank(hf, hf_sd, per_rank_steps, check_against):
 
     steps = per_rank_steps[int(os.environ["RANK"])]
     return run_steps(hf, hf_sd, steps, 1, 1, True, check_against)
+
+
+def resume_run(hf, hf_sd, per_rank_steps, directory):
+    """DP2, distributed optimizer: 6 uninterrupted steps, saving model + optimizer after step 3; then a
+    fresh model and optimizer load that checkpoint and take steps 4-6. Returns both runs' stats of
+    steps 4-6 and the max |param difference| after step 6."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from replay_megatron.models.checkpoint import _sync_torch_dist_strategy
+    from replay_megatron.models.conversion import load_hf_into_model
+    from replay_megatron.optim.megatron import build_optimizer, load_optimizer_state, moclip_optimizers
+    from replay_megatron.platform.distributed import initialize, shutdown
+    from replay_megatron.training.setup import build_ddp_model
+    from replay_megatron.training.step import train_step
+
+    steps = per_rank_steps[int(os.environ["RANK"])]
+    layout = initialize(device="cpu", tp=1, pp=1, num_layers=hf["num_hidden_layers"])
+
+    def fresh():
+        model = build_ddp_model(hf, layout, distributed_optimizer=True)
+        load_hf_into_model(model.module, hf_sd, hf, tp=1, tp_rank=layout.tp_rank)
+        model.broadcast_params()
+        return model, build_optimizer("moclip", [model], distributed_optimizer=True, **HYPER)
+
+    def run(model, optimizer, micro_batches):
+        [moclip] = moclip_optimizers(optimizer)
+        stats = []
+        for mb in micro_batches:
+            train_step(model, optimizer, mb)
+            stats.append(moclip.last_stats.as_floats())
+        return stats
+
+    def sharded(model, optimizer, is_loading):
+        # megatron-core 0.16's default optimizer format (fully_sharded_model_space) builds ShardedTensors
+        # with flattened_range, which its own dist_checkpointing refuses; dp_reshardable is Megatron-LM's.
+        model_sd = model.module.sharded_state_dict()
+        return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
+
+    model, optimizer = fresh()
+    run(model, optimizer, steps[:3])
+    dist_checkpointing.save(sharded(model, optimizer, False), directory,
+                            sharded_strategy=_sync_torch_dist_strategy())
+    straight = run(model, optimizer, steps[3:])
+
+    resumed_model, resumed_optimizer = fresh()  # initial weights, empty optimizer state
+    state = dist_checkpointing.load(sharded(resumed_model, resumed_optimizer, True), directory)
+    resumed_model.module.load_state_dict(state["model"])
+    load_optimizer_state(resumed_optimizer, state["optimizer"])
+    resumed = run(resumed_model, resumed_optimizer, steps[3:])
+    params = dict(model.module.named_parameters())
+    dev = max((p.detach() - params[n].detach()).abs().max().item()
+              for n, p in resumed_model.module.named_parameters())
+    shutdown()
+    return straight, resumed, dev
+
+
+@pytest.mark.multiproc
+def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path):
+    hf = tiny_hf_config("qwen3-tiny")
+    sd = hf_state_dict(tiny_hf_model(hf))
+    batches = make_micro_batches(hf, n=12)
+    per_rank = [[[batches[2 * i + r]] for i in range(6)] for r in range(2)]
+    for straight, resumed, deviation in run_local(resume_run, 2, hf, sd, per_rank, str(tmp_path)):
+        assert any(s["clipped"] for s in straight)
+        assert_same_stats(resumed, straight)
+        assert deviation < 1e-6

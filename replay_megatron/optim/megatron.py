@@ -12,7 +12,7 @@ distributed (state sharded over DP) wrappers and the chaining. Afterwards each M
   copies the attributes it reads (`shared`, `tensor_model_parallel`, `partition_dim`) onto its fp32 main
   params and distributed-optimizer shards, and shards of one tensor over DP are disjoint;
 - the wrapper's `init_state_fn`: MoClip's fp32 `exp_avg`, `exp_avg_sq` and `step`, so megatron's
-  (sharded) optimizer checkpointing can allocate, save and load MoClip's state.
+  (sharded) optimizer checkpointing can allocate, save and load MoClip's state (allocated at build).
 """
 from __future__ import annotations
 
@@ -106,4 +106,30 @@ def build_optimizer(name: str, model_chunks: Sequence[Any], *, lr: float, weight
         moclip.stats_reducer = GlobalSumsReducer(grad_stats_group(wrapper))
         moclip.counts_toward_stats = counts_toward_global_stats
         wrapper.init_state_fn = moclip_init_state
+        # Allocated now (zeros, step 0: what the first step would create), so that a fresh optimizer can
+        # load a checkpoint: DistributedOptimizer.sharded_state_dict(is_loading=True) first reads every
+        # parameter's `step` through state_dict(), before it would call init_state_fn.
+        moclip_init_state(moclip)
     return optimizer
+
+
+def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
+    """`optimizer.load_state_dict(state_dict)` for a `build_optimizer` result, with the state dict that
+    megatron's `dist_checkpointing.load` returned for `optimizer.sharded_state_dict(..., is_loading=True)`.
+
+    Works around two megatron-core 0.16 DistributedOptimizer issues met by a torch-style optimizer (a
+    per-parameter `step`, no TE/Apex FusedAdam): the load copies into fp32 main params that are views of
+    the model's leaf params (done under no_grad here), and the `dp_reshardable` format copies the
+    loading template's `step` (a non-persistent object) over the checkpoint's; the checkpoint's step,
+    saved in the param groups, is re-applied to every MoClip parameter.
+    """
+    with torch.no_grad():
+        optimizer.load_state_dict(state_dict)
+    groups = state_dict.get("optimizer", {}).get("param_groups", []) if isinstance(state_dict, dict) else []
+    steps = {float(g["step"]) for g in groups if g.get("step") is not None}
+    if len(steps) > 1:
+        raise ValueError(f"optimizer checkpoint: param groups at different steps {sorted(steps)}")
+    for step in steps:
+        for moclip in moclip_optimizers(optimizer):
+            for state in moclip.state.values():
+                state["step"] = torch.tensor(step)
