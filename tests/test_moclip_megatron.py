@@ -171,3 +171,58 @@ def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path):
         assert any(s["clipped"] for s in straight)
         assert_same_stats(resumed, straight)
         assert deviation < 1e-6
+
+
+def build_variants(hf, hf_sd, micro_batches):
+    """One process: the wrapper megatron-core builds around each optimizer and dtype, the inner optimizer,
+    whether `torch.optim`'s names are restored afterwards, and one bf16 MoClip step's state dtypes."""
+    from replay_megatron.models.conversion import load_hf_into_model
+    from replay_megatron.optim.megatron import build_optimizer, moclip_optimizers
+    from replay_megatron.platform.distributed import initialize, shutdown
+    from replay_megatron.training.setup import build_ddp_model
+    from replay_megatron.training.step import train_step
+
+    layout = initialize(device="cpu", tp=1, pp=1, num_layers=hf["num_hidden_layers"])
+    out = {}
+    for name, dtype, distributed in [("moclip", "bf16", False), ("adam-atan2", "fp32", False),
+                                     ("adamw", "fp32", True), ("moclip", "bf16", True)]:
+        model = build_ddp_model(hf, layout, params_dtype=dtype, distributed_optimizer=distributed)
+        load_hf_into_model(model.module, hf_sd, hf, tp=1, tp_rank=0)
+        optimizer = build_optimizer(name, [model], lr=1e-3, params_dtype=dtype,
+                                    distributed_optimizer=distributed, max_angle=30.0)
+        [wrapper] = optimizer.chained_optimizers
+        moclips = moclip_optimizers(optimizer)
+        row = {"wrapper": type(wrapper).__name__, "inner": "MoClip" if moclips else type(wrapper.optimizer).__name__,
+               "max_angle": [m.max_angle for m in moclips]}
+        if moclips and dtype == "bf16":
+            result = train_step(model, optimizer, micro_batches)
+            [moclip] = moclips
+            row["update_ok"] = result["update_ok"]
+            row["main_dtypes"] = sorted({str(p.dtype) for g in moclip.param_groups for p in g["params"]})
+            row["state_dtypes"] = sorted({str(s[k].dtype) for s in moclip.state.values()
+                                          for k in ("exp_avg", "exp_avg_sq")})
+            row["counted"] = sum(moclip.counts_toward_stats(p) for g in moclip.param_groups for p in g["params"])
+            row["params"] = sum(len(g["params"]) for g in moclip.param_groups)
+        out[(name, dtype, distributed)] = row
+    out["restored"] = torch.optim.AdamW.__name__ == "AdamW" and torch.optim.Adam.__name__ == "Adam"
+    shutdown()
+    return out
+
+
+@pytest.mark.multiproc
+def test_wrappers_around_each_optimizer():
+    hf = tiny_hf_config("qwen3-tiny")
+    sd = hf_state_dict(tiny_hf_model(hf))
+    [out] = run_local(build_variants, 1, hf, sd, make_micro_batches(hf))
+    assert out.pop("restored")
+    mixed = out[("moclip", "bf16", False)]
+    assert (mixed["wrapper"], mixed["inner"]) == ("Float16OptimizerWithFloat16Params", "MoClip")
+    assert out[("adam-atan2", "fp32", False)] == {"wrapper": "FP32Optimizer", "inner": "MoClip",
+                                                   "max_angle": [180.0]}
+    assert out[("adamw", "fp32", True)]["wrapper"] == "DistributedOptimizer"
+    assert (out[("adamw", "fp32", True)]["inner"], out[("adamw", "fp32", True)]["max_angle"]) == ("AdamW", [])
+    sharded = out[("moclip", "bf16", True)]
+    assert (sharded["wrapper"], sharded["inner"], sharded["max_angle"]) == ("DistributedOptimizer", "MoClip", [30.0])
+    for row in (mixed, sharded):  # MoClip holds fp32 main params (or their DP shards) and fp32 moments
+        assert row["update_ok"] and row["main_dtypes"] == ["torch.float32"] == row["state_dtypes"]
+        assert row["counted"] == row["params"]  # one process: no duplicates to leave out
