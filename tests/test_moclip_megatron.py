@@ -176,6 +176,8 @@ def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path):
 def build_variants(hf, hf_sd, micro_batches):
     """One process: the wrapper megatron-core builds around each optimizer and dtype, the inner optimizer,
     whether `torch.optim`'s names are restored afterwards, and one bf16 MoClip step's state dtypes."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     from replay_megatron.models.conversion import load_hf_into_model
     from replay_megatron.optim.megatron import build_optimizer, moclip_optimizers
     from replay_megatron.platform.distributed import initialize, shutdown
@@ -195,8 +197,15 @@ def build_variants(hf, hf_sd, micro_batches):
         row = {"wrapper": type(wrapper).__name__, "inner": "MoClip" if moclips else type(wrapper.optimizer).__name__,
                "max_angle": [m.max_angle for m in moclips]}
         if moclips and dtype == "bf16":
+            # megatron's scheduler sets each group's lr and weight decay (wd_mult 0: norms, biases)
+            OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
+                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                    wd_incr_steps=10, wd_incr_style="constant").step(1)
             result = train_step(model, optimizer, micro_batches)
             [moclip] = moclips
+            # (lr, weight decay, dims) per parameter; DP shards are flat, so dims only without them
+            row["lr_wd"] = sorted({(g["lr"], g["weight_decay"], 0 if distributed else p.dim())
+                                   for g in moclip.param_groups for p in g["params"]})
             row["update_ok"] = result["update_ok"]
             row["main_dtypes"] = sorted({str(p.dtype) for g in moclip.param_groups for p in g["params"]})
             row["state_dtypes"] = sorted({str(s[k].dtype) for s in moclip.state.values()
@@ -226,3 +235,6 @@ def test_wrappers_around_each_optimizer():
     for row in (mixed, sharded):  # MoClip holds fp32 main params (or their DP shards) and fp32 moments
         assert row["update_ok"] and row["main_dtypes"] == ["torch.float32"] == row["state_dtypes"]
         assert row["counted"] == row["params"]  # one process: no duplicates to leave out
+    # warm-up step 1 of 2: lr = max_lr/2; weight decay on matrices only (norm weights are 1-dim)
+    assert mixed["lr_wd"] == [(5e-4, 0.0, 1), (5e-4, 0.1, 2)]
+    assert sharded["lr_wd"] == [(5e-4, 0.0, 0), (5e-4, 0.1, 0)]
