@@ -104,8 +104,8 @@ def run_dp_rank(hf, hf_sd, per_rank_steps, check_against):
     return run_steps(hf, hf_sd, steps, 1, 1, True, check_against)
 
 
-def resume_run(hf, hf_sd, per_rank_steps, directory):
-    """DP2, distributed optimizer: 6 uninterrupted steps, saving model + optimizer after step 3; then a
+def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
+    """TP1 PP1, DP = len(per_rank_steps), with or without the distributed optimizer: 6 uninterrupted steps, saving model + optimizer after step 3; then a
     fresh model and optimizer load that checkpoint and take steps 4-6. Returns both runs' stats of
     steps 4-6 and the max |param difference| after step 6."""
     import os
@@ -123,10 +123,10 @@ def resume_run(hf, hf_sd, per_rank_steps, directory):
     layout = initialize(device="cpu", tp=1, pp=1, num_layers=hf["num_hidden_layers"])
 
     def fresh():
-        model = build_ddp_model(hf, layout, distributed_optimizer=True)
+        model = build_ddp_model(hf, layout, distributed_optimizer=distributed)
         load_hf_into_model(model.module, hf_sd, hf, tp=1, tp_rank=layout.tp_rank)
         model.broadcast_params()
-        return model, build_optimizer("moclip", [model], distributed_optimizer=True, **HYPER)
+        return model, build_optimizer("moclip", [model], distributed_optimizer=distributed, **HYPER)
 
     def run(model, optimizer, micro_batches):
         [moclip] = moclip_optimizers(optimizer)
@@ -162,12 +162,13 @@ def resume_run(hf, hf_sd, per_rank_steps, directory):
 
 
 @pytest.mark.multiproc
-def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("dp,distributed", [(2, True), (1, False)])
+def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path, dp, distributed):
     hf = tiny_hf_config("qwen3-tiny")
     sd = hf_state_dict(tiny_hf_model(hf))
     batches = make_micro_batches(hf, n=12)
-    per_rank = [[[batches[2 * i + r]] for i in range(6)] for r in range(2)]
-    for straight, resumed, deviation in run_local(resume_run, 2, hf, sd, per_rank, str(tmp_path)):
+    per_rank = [[batches[2 * i + r: 2 * i + 2: dp] for i in range(6)] for r in range(dp)]
+    for straight, resumed, deviation in run_local(resume_run, dp, hf, sd, per_rank, str(tmp_path), distributed):
         assert any(s["clipped"] for s in straight)
         assert_same_stats(resumed, straight)
         assert deviation < 1e-6
