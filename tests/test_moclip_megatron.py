@@ -86,27 +86,31 @@ def test_tp2_pp2_moclip_equals_single_process(setup):
 
 
 @pytest.mark.multiproc
-def test_dp2_distributed_optimizer_equals_single_process(setup):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dp2_distributed_optimizer_equals_single_process(setup, tp):
+    """DP2 (and TP2 x DP2: TP-duplicated norm shards counted once) with the distributed optimizer."""
     hf, sd, steps, ref_stats, ref_sd = setup
     per_rank = [[[step[r]] for step in steps] for r in range(2)]
-    results = run_local(run_dp_rank, 2, hf, sd, per_rank, ref_sd)
+    results = run_local(run_dp_rank, 2 * tp, hf, sd, per_rank, ref_sd, tp)
     for stats, kind, deviation in results:
         assert kind == ["DistributedOptimizer"]
         assert_same_stats(stats, ref_stats)
         assert deviation < TOL
 
 
-def run_dp_rank(hf, hf_sd, per_rank_steps, check_against):
-    """DP rank r trains on micro-batch r of every step (the single process saw both)."""
+def run_dp_rank(hf, hf_sd, per_rank_steps, check_against, tp):
+    """DP rank r trains on micro-batch r of every step (the single process saw both); megatron's rank
+    order puts TP innermost, so the DP rank is RANK // tp."""
     import os
 
-    steps = per_rank_steps[int(os.environ["RANK"])]
-    return run_steps(hf, hf_sd, steps, 1, 1, True, check_against)
+    steps = per_rank_steps[int(os.environ["RANK"]) // tp]
+    return run_steps(hf, hf_sd, steps, tp, 1, True, check_against)
 
 
 def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
-    """TP1 PP1, DP = len(per_rank_steps), with or without the distributed optimizer: 6 uninterrupted steps, saving model + optimizer after step 3; then a
-    fresh model and optimizer load that checkpoint and take steps 4-6. Returns both runs' stats of
+    """TP1 PP1, DP = len(per_rank_steps), with or without the distributed optimizer: 6 uninterrupted
+    steps, saving model + optimizer after step 3; then a fresh model and optimizer load that checkpoint
+    and take steps 4-6. Returns both runs' stats of
     steps 4-6 and the max |param difference| after step 6."""
     import os
 
