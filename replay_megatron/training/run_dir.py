@@ -1,0 +1,66 @@
+"""The layout of a run directory `<run.out_dir>/<run.name>`: what `train` writes and `eval`/`report` read.
+
+    resolved.yaml                  the resolved config (config.save_resolved), fingerprint in the header
+    metrics.jsonl                  one JSON object per logged step (keys: METRIC_KEYS, plus optional ones)
+    eval_metrics.jsonl             held-out perplexity during training: {"step", "eval_loss", "perplexity"}
+    summary.json                   end of training: steps, timing, stability metrics (SPEC.md section 5)
+    eval.json                      `eval`'s results: perplexity, its change vs the base, relative L2, domain
+    checkpoints/iter_NNNNNNN/      megatron-core dist checkpoint: model + optimizer + train_state.json
+    checkpoints/latest             text file: the name of the newest complete checkpoint dir
+    hf/                            HF export of the final weights (train.export_hf)
+    tensorboard/                   TensorBoard events (logging.tensorboard and tensorboard installed)
+    plots/                         `report`'s PNGs (when the report is written into the run dir)
+
+Every file is written atomically by rank 0 (checkpoints: by all ranks through dist_checkpointing, then
+`latest` last), so a reader never sees half a file and a killed run resumes from `latest`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+RESOLVED = "resolved.yaml"
+METRICS = "metrics.jsonl"
+EVAL_METRICS = "eval_metrics.jsonl"
+SUMMARY = "summary.json"
+EVAL = "eval.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+HF_EXPORT = "hf"
+TENSORBOARD = "tensorboard"
+TRAIN_STATE = "train_state.json"
+
+# Keys every metrics.jsonl line has. MoClip runs add cos_phi, clipped, clip_rate, grad_norm_clipped
+# (|g'|); replay runs add k_mean, k_median, k_max (|S_t| over the step's stored positions).
+METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens", "tokens_per_s", "step_time_s",
+               "peak_memory_bytes", "consumed_samples")
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after optimizer step `step`."""
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of `run_dir` (from `checkpoints/latest`), or None for a fresh run."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / TRAIN_STATE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no {TRAIN_STATE}: the checkpoint "
+                                f"is incomplete; point {pointer} at an earlier iter_* dir or remove it")
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file (metrics.jsonl), naming the file and line of a malformed one."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
