@@ -5,7 +5,13 @@
     eval_metrics.jsonl             held-out perplexity during training: {"step", "eval_loss", "perplexity"}
     summary.json                   end of training: steps, timing, stability metrics (SPEC.md section 5)
     eval.json                      `eval`'s results: perplexity, its change vs the base, relative L2, domain
-    checkpoints/iter_NNNNNNN/      megatron-core dist checkpoint: model + optimizer + train_state.json
+    checkpoints/iter_NNNNNNN/      the state after optimizer step N:
+        model/                     weights (models.checkpoint.save_megatron: loads at any TP/PP, and is a
+                                   valid model.mcore_checkpoint for another run)
+        optimizer/                 optimizer state (megatron dist checkpoint, this run's TP/PP only)
+        train_state.json           step, consumed samples, counters (written last: marks it complete)
+    checkpoints/iter_0000000/model the starting weights, saved only when they are a preset's random init
+                                   (the base of `eval`'s relative L2 distance)
     checkpoints/latest             text file: the name of the newest complete checkpoint dir
     hf/                            HF export of the final weights (train.export_hf)
     tensorboard/                   TensorBoard events (logging.tensorboard and tensorboard installed)
@@ -53,6 +59,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no {TRAIN_STATE}: the checkpoint "
                                 f"is incomplete; point {pointer} at an earlier iter_* dir or remove it")
     return path
+
+
+def checkpoint_model_dir(run_dir: str | os.PathLike) -> Path:
+    """The final (newest) weights of a run: `<latest checkpoint>/model`; names the run dir when none."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINTS / LATEST}: no checkpoint (has `train` run "
+                                f"in {run_dir}?)")
+    return latest / "model"
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
