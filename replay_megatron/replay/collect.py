@@ -216,22 +216,14 @@ def preflight(cfg, world_size: int) -> dict[str, Any]:
 
 def build_base_model(cfg, hf: Mapping[str, Any], layout) -> torch.nn.Module:
     """This rank's stage of the base model in eval mode, weights from the configured source."""
-    from replay_megatron.models.conversion import load_hf_into_model
     from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.sources import load_configured_weights
 
     config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=cfg.model.params_dtype)
     model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     model.to(layout.device.torch_device)
-    if cfg.model.mcore_checkpoint is not None:  # any TP/PP (megatron-core distributed checkpoint)
-        from replay_megatron.models.checkpoint import load_megatron
-
-        load_megatron(model, cfg.input_path(cfg.model.mcore_checkpoint), hf)
-    elif cfg.model.hf_path is not None:  # each rank reads only its stage's tensors
-        from replay_megatron.models.checkpoint import LazySafetensors
-
-        load_hf_into_model(model, LazySafetensors(cfg.input_path(cfg.model.hf_path)), hf, tp=layout.tp,
-                           tp_rank=layout.tp_rank)
+    load_configured_weights(cfg, model, hf, layout)
     return model.eval()
 
 

@@ -10,14 +10,15 @@ from replay_megatron.platform.distributed import ParallelLayout
 
 
 def build_ddp_model(hf: Mapping[str, Any], layout: ParallelLayout, *, params_dtype: str = "fp32",
-                    distributed_optimizer: bool = False):
+                    distributed_optimizer: bool = False, vocab_divisible_by: int = 1):
     """This rank's Qwen3 stage in megatron-core DDP (fp32 grad buffers, per-token loss scaling)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=params_dtype,
                                 calculate_per_token_loss=True)
     config.finalize_model_grads_func = finalize_model_grads
-    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
+    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+                        vocab_divisible_by=vocab_divisible_by)
     model.to(layout.device.torch_device)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
     return DistributedDataParallel(config, ddp_config, model)

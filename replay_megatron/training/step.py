@@ -1,11 +1,13 @@
 """One optimizer step over a global batch with megatron-core's pipeline schedule (any TP/PP/DP)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from replay_megatron.models.qwen3 import causal_attention_mask
+from replay_megatron.training.faults import any_rank, has_nonfinite
 from replay_megatron.training.objectives import FullVocabCE, Objective
 
 
@@ -18,7 +20,8 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
 
     Returns the loss (per-token mean over the global batch: sum over micro-batches and DP ranks divided
     by the global count, as Megatron's `calculate_per_token_loss` defines it; the same value on every
-    rank), the gradient norm and whether the update was applied.
+    rank), the gradient norm and whether the update was applied. A NaN/Inf loss or gradient on any rank
+    skips the optimizer step on all ranks (`skipped`; weights and optimizer state untouched).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -37,7 +40,6 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
         for logged in losses:
@@ -45,5 +47,10 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
     # sum over DP; only the last stage holds nonzero totals, so a sum over PP broadcasts them
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return {"loss": (totals[0] / totals[1].clamp_min(1)).item(), "grad_norm": float(grad_norm or 0.0),
-            "update_ok": bool(update_ok), "tokens": int(totals[1].item())}
+    loss = (totals[0] / totals[1].clamp_min(1)).item()
+    result = {"loss": loss, "tokens": int(totals[1].item())}
+    grads = [b.grad_data for b in getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", [])]
+    if any_rank(not math.isfinite(loss) or has_nonfinite(grads), grads[0].device if grads else "cpu"):
+        return {**result, "grad_norm": float("nan"), "update_ok": False, "skipped": True}
+    update_ok, grad_norm, _ = optimizer.step()
+    return {**result, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok), "skipped": False}

@@ -1,0 +1,71 @@
+"""`replay-megatron train --config FILE [key=value ...]`: Stage 1 replay training or full-vocabulary SFT.
+
+Launch it like any megatron job (one process per device):
+
+    NPROC=2 launch/cpu_gloo.sh train configs/cpu/tiny_tp2pp1.yaml run.data_root=/tmp/tiny     # CPU, gloo
+    launch/torchrun_910b.sh train configs/paper/qwen3_8b/replay_moclip.yaml                 # 910B nodes
+
+Without torchrun (no WORLD_SIZE) it runs as one process. Re-running the same command resumes from the
+run dir's latest checkpoint; SIGTERM saves a checkpoint and exits 0. At the end it exports the weights to
+`<run_dir>/hf` (train.export_hf). Exit codes: 0 done or checkpointed, 2 refused input, 3 aborted after
+too many non-finite steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "Stage 1 replay training or full-vocabulary SFT (resumable; metrics, checkpoints, HF export)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `train`."""
+    parser.add_argument("config_file", nargs="?", help="YAML config file (or use --config)")
+    parser.add_argument("--config", dest="config_opt", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.train_iters=100")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or step lines on rank 0")
+
+
+def config_path_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(config file, overrides) from `CONFIG k=v ...` or `--config CONFIG k=v ...`."""
+    overrides = list(args.overrides)
+    if args.config_opt and args.config_file:  # `--config FILE a=b`: the positional slot took the first override
+        overrides.insert(0, args.config_file)
+    return args.config_opt or args.config_file, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config, train, export to HF on rank 0, print the summary."""
+    from replay_megatron.config import ConfigError, load_config
+    from replay_megatron.platform.distributed import shutdown
+    from replay_megatron.replay.store import ReplayStoreError
+    from replay_megatron.training.faults import TrainingAborted
+    from replay_megatron.training.run import train
+
+    path, overrides = config_path_and_overrides(args)
+    if path is None:
+        print("replay-megatron train: error: give the config as --config FILE", file=sys.stderr)
+        return 2
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(path, overrides, world_size=world_size)
+        summary = train(cfg, world_size=world_size, progress=False if args.no_progress else None)
+    except (ConfigError, ReplayStoreError, ValueError, FileNotFoundError) as e:
+        print(f"replay-megatron train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"replay-megatron train: aborted: {e}", file=sys.stderr)
+        return 3
+    finally:
+        shutdown()
+    if summary is None:  # not rank 0
+        return 0
+    if summary["status"] == "completed" and cfg.train.export_hf:
+        from replay_megatron.training.export import export_run_to_hf
+
+        print(f"[train] HF export: {export_run_to_hf(cfg.run_dir)}", flush=True)
+    s = summary
+    print(f"[train] {s['status']}: {s['steps']}/{s['planned_steps']} steps, final loss {s['final_loss']}, "
+          f"median {s['median_step_time_s']:.3f} s/step, {s['skipped_steps']} skipped; run dir {cfg.run_dir}")
+    return 0

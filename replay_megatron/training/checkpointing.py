@@ -1,0 +1,110 @@
+"""Training checkpoints: weights, optimizer state and the data position, in the layout of `run_dir`.
+
+Weights go through `models.checkpoint.save_megatron` (megatron-core distributed checkpoint: they load at
+any TP/PP). The optimizer state is megatron's own `sharded_state_dict` (MoClip's moments and step
+included; `dp_reshardable` for the distributed optimizer), valid for this run's TP/PP only: a resume at
+another layout loads the weights and the data position and starts fresh optimizer state (and says so).
+`train_state.json` is written last and `checkpoints/latest` after it, so a checkpoint a crash cut short
+is never resumed from.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch.distributed as dist
+
+from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
+from replay_megatron.training import run_dir as layout_of_run
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides weights and optimizer state (all plain JSON)."""
+
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included: they consumed data)
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    scheduler: dict[str, Any] = field(default_factory=dict)  # OptimizerParamScheduler.state_dict()
+    moclip_counts: dict[str, int] | None = None  # running clip counts (MoClip.state_dict()["moclip_counts"])
+    parallel: dict[str, Any] = field(default_factory=dict)  # tp, pp, dp, distributed_optimizer
+    config_fingerprint: str = ""
+
+
+def _sharded_optimizer_state(model, optimizer, is_loading: bool) -> dict:
+    model_sd = model.module.sharded_state_dict()
+    # dp_reshardable: megatron-core 0.16's default fully-sharded format carries flattened ranges its own
+    # torch_dist strategy refuses on load; Megatron-LM uses this format for the same reason.
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, model, optimizer, hf: Mapping[str, Any]) -> Path:
+    """Save the state after `state.step` (collective over all ranks); returns the checkpoint dir."""
+    from megatron.core import dist_checkpointing
+
+    from replay_megatron.models.checkpoint import _sync_torch_dist_strategy, save_megatron
+
+    root = Path(run_dir) / layout_of_run.CHECKPOINTS
+    directory = root / layout_of_run.checkpoint_name(state.step)
+    if dist.get_rank() == 0 and directory.exists():  # a save that a crash interrupted, or a re-run
+        shutil.rmtree(directory)
+    dist.barrier()
+    save_megatron(model.module, directory / "model", hf)
+    (directory / "optimizer").mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(_sharded_optimizer_state(model, optimizer, False), str(directory / "optimizer"),
+                            sharded_strategy=_sync_torch_dist_strategy())
+    dist.barrier()
+    if dist.get_rank() == 0:
+        atomic_write_json(directory / layout_of_run.TRAIN_STATE, asdict(state))
+        atomic_write_text(root / layout_of_run.LATEST, directory.name + "\n")
+    dist.barrier()
+    return directory
+
+
+def save_initial_weights(run_dir: str | Path, model, hf: Mapping[str, Any]) -> Path:
+    """`checkpoints/iter_0000000/model`: the starting weights of a run from random init (eval's base)."""
+    from replay_megatron.models.checkpoint import save_megatron
+
+    directory = Path(run_dir) / layout_of_run.CHECKPOINTS / layout_of_run.checkpoint_name(0) / "model"
+    save_megatron(model.module, directory, hf)
+    return directory
+
+
+def read_train_state(checkpoint: Path) -> TrainState:
+    """The `train_state.json` of a checkpoint dir, naming the file if it is unreadable."""
+    import json
+
+    path = checkpoint / layout_of_run.TRAIN_STATE
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable train state ({e})") from None
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, hf: Mapping[str, Any],
+                    parallel: Mapping[str, Any]) -> tuple[TrainState, bool]:
+    """Load weights (any layout) and, when `parallel` equals the saved layout, the optimizer state.
+
+    Returns the saved TrainState and whether the optimizer state was loaded. The optimizer must exist
+    (its sharded state is the loading template); when its state is not loaded, its fp32 main params are
+    refreshed from the loaded weights (`reload_model_params`).
+    """
+    from megatron.core import dist_checkpointing
+
+    from replay_megatron.models.checkpoint import load_megatron
+    from replay_megatron.optim.megatron import load_optimizer_state
+
+    state = read_train_state(checkpoint)
+    load_megatron(model.module, checkpoint / "model", hf)
+    same_layout = dict(state.parallel) == dict(parallel)
+    if same_layout:
+        loaded = dist_checkpointing.load(_sharded_optimizer_state(model, optimizer, True),
+                                         str(checkpoint / "optimizer"))
+        load_optimizer_state(optimizer, loaded)
+    else:
+        optimizer.reload_model_params()  # fp32 main params from the loaded weights
+    return state, same_layout
