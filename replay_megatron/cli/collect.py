@@ -15,14 +15,14 @@ import argparse
 import os
 import sys
 
+from replay_megatron.cli._config_args import add_config_arguments, config_path_and_overrides
+
 HELP = "Stage 0: dynamic Top-K collection into a replay store (forward only, any TP/PP/DP)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `collect`."""
-    parser.add_argument("config_file", nargs="?", help="YAML config file (or use --config)")
-    parser.add_argument("--config", dest="config_opt", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. collect.tau=0.9")
+    add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
 
 
@@ -32,10 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from replay_megatron.replay.collect import collect, format_summary
     from replay_megatron.replay.store import ReplayStoreError
 
-    path = args.config_opt or args.config_file
-    overrides = list(args.overrides)
-    if args.config_opt and args.config_file:  # `--config FILE a=b`: the positional slot took the first override
-        overrides.insert(0, args.config_file)
+    path, overrides = config_path_and_overrides(args)
     if path is None:
         print("replay-megatron collect: error: give the config as --config FILE", file=sys.stderr)
         return 2

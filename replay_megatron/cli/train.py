@@ -16,23 +16,15 @@ import argparse
 import os
 import sys
 
+from replay_megatron.cli._config_args import add_config_arguments, config_path_and_overrides
+
 HELP = "Stage 1 replay training or full-vocabulary SFT (resumable; metrics, checkpoints, HF export)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `train`."""
-    parser.add_argument("config_file", nargs="?", help="YAML config file (or use --config)")
-    parser.add_argument("--config", dest="config_opt", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.train_iters=100")
+    add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or step lines on rank 0")
-
-
-def config_path_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """(config file, overrides) from `CONFIG k=v ...` or `--config CONFIG k=v ...`."""
-    overrides = list(args.overrides)
-    if args.config_opt and args.config_file:  # `--config FILE a=b`: the positional slot took the first override
-        overrides.insert(0, args.config_file)
-    return args.config_opt or args.config_file, overrides
 
 
 def run(args: argparse.Namespace) -> int:
