@@ -1,7 +1,9 @@
 """The resolved config of a run: saved as `<run_dir>/resolved.yaml`, fingerprinted to refuse mismatched resumes.
 
 The fingerprint is the sha256 of the canonical JSON (sorted keys, no spaces) of the resolved config, minus the
-keys in `FINGERPRINT_EXCLUDES`, which change what is logged or evaluated but not the trained numbers.
+keys in `FINGERPRINT_EXCLUDES`, which change what is logged or evaluated but not the trained numbers, and
+the layout and device (`parallel`, `platform`): a run may resume at another TP/PP or on another machine,
+the weights reshard and the numbers agree up to floating-point reduction order.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from replay_megatron.config.schema import ReplayConfig
 
 RESOLVED_NAME = "resolved.yaml"
 FINGERPRINT_EXCLUDES = ("description", "run.out_dir", "train.log_interval", "train.save_interval",
-                        "train.eval_interval", "eval", "logging")
+                        "train.eval_interval", "eval", "logging", "parallel", "platform")
 
 
 def config_fingerprint(cfg: ReplayConfig) -> str:

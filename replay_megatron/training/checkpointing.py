@@ -2,8 +2,10 @@
 
 Weights go through `models.checkpoint.save_megatron` (megatron-core distributed checkpoint: they load at
 any TP/PP). The optimizer state is megatron's own `sharded_state_dict` (MoClip's moments and step
-included; `dp_reshardable` for the distributed optimizer), valid for this run's TP/PP only: a resume at
-another layout loads the weights and the data position and starts fresh optimizer state (and says so).
+included): the plain and mixed-precision optimizers' state maps to the model's sharded tensors and
+reshards to any TP/PP like the weights; the distributed optimizer's (`dp_reshardable`) loads only at the
+TP/PP it was saved at, so a resume at another layout then keeps weights and data position and starts
+fresh optimizer state (and says so).
 `train_state.json` is written last and `checkpoints/latest` after it, so a checkpoint a crash cut short
 is never resumed from.
 """
@@ -87,7 +89,8 @@ def read_train_state(checkpoint: Path) -> TrainState:
 
 def load_checkpoint(checkpoint: Path, model, optimizer, hf: Mapping[str, Any],
                     parallel: Mapping[str, Any]) -> tuple[TrainState, bool]:
-    """Load weights (any layout) and, when `parallel` equals the saved layout, the optimizer state.
+    """Load weights (any layout) and the optimizer state when it can be resharded to `parallel` (see the
+    module doc).
 
     Returns the saved TrainState and whether the optimizer state was loaded. The optimizer must exist
     (its sharded state is the loading template); when its state is not loaded, its fp32 main params are
@@ -100,11 +103,13 @@ def load_checkpoint(checkpoint: Path, model, optimizer, hf: Mapping[str, Any],
 
     state = read_train_state(checkpoint)
     load_megatron(model.module, checkpoint / "model", hf)
-    same_layout = dict(state.parallel) == dict(parallel)
-    if same_layout:
+    saved = dict(state.parallel)
+    same_layout = saved == dict(parallel)
+    reshardable = not (saved.get("distributed_optimizer") or parallel.get("distributed_optimizer"))
+    if same_layout or reshardable:
         loaded = dist_checkpointing.load(_sharded_optimizer_state(model, optimizer, True),
                                          str(checkpoint / "optimizer"))
         load_optimizer_state(optimizer, loaded)
     else:
         optimizer.reload_model_params()  # fp32 main params from the loaded weights
-    return state, same_layout
+    return state, same_layout or reshardable

@@ -61,7 +61,6 @@ def total_steps(cfg, num_samples: int) -> int:
 def preflight(cfg, world_size: int) -> TrainInputs:
     """Every check that needs files but no devices (see the module doc)."""
     from replay_megatron.config import check_resume, model_hf_config
-    from replay_megatron.data.token_store import TokenDataset
 
     if cfg.optimizer.name not in MEGATRON_OPTIMIZERS:
         raise ConfigError.of([Problem("optimizer.name", f"{cfg.optimizer.name!r} is a plain torch optimizer here "
@@ -69,17 +68,29 @@ def preflight(cfg, world_size: int) -> TrainInputs:
                                       f"train supports {', '.join(MEGATRON_OPTIMIZERS)}", cfg.optimizer.name)])
     if cfg.data.train is None:
         raise ConfigError.of([Problem("data.train", "train needs a token store (`preprocess` output)", None)])
-    dataset = TokenDataset(cfg.input_path(cfg.data.train))
+    dataset = _token_store(cfg, "data.train")
     hf = model_hf_config(cfg)
     if dataset.vocab_size > hf["vocab_size"]:
         raise ConfigError.of([Problem("data.train", f"token store {dataset.path} has vocab_size "
                                       f"{dataset.vocab_size}, more than the model's {hf['vocab_size']}",
                                       cfg.data.train)])
     if cfg.data.eval is not None:
-        TokenDataset(cfg.input_path(cfg.data.eval))  # fails now, naming the path, rather than at the first eval
+        _token_store(cfg, "data.eval")  # fails now rather than at the first evaluation
     store = _open_replay_store(cfg, dataset) if cfg.train.loss == "replay" else None
     check_resume(cfg, cfg.run_dir)
     return TrainInputs(dataset, store, total_steps(cfg, len(dataset)))
+
+
+def _token_store(cfg, key: str):
+    """The token store at config key `key` (data.train / data.eval), or a ConfigError naming key and path."""
+    from replay_megatron.data.token_store import TokenDataset, is_token_store
+
+    value = getattr(cfg.data, key.split(".")[1])
+    path = cfg.input_path(value)
+    if not is_token_store(path):
+        raise ConfigError.of([Problem(key, f"no token store at {path} (`replay-megatron preprocess` writes one)",
+                                      value)])
+    return TokenDataset(path)
 
 
 def _open_replay_store(cfg, dataset):

@@ -1,0 +1,47 @@
+"""A tiny training setup for the train/eval/report tests: token stores and a config on a preset Qwen3.
+
+Token data: random ids below 500 (the tiny preset's vocabulary is 512), instruction-like loss masks.
+The config runs Stage 0 and Stage 1 on CPU in seconds; tests override what they vary.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from replay_megatron.data.token_store import TokenStoreWriter
+
+SEQ = 24
+
+
+def write_token_store(out: Path, n: int, seed: int) -> None:
+    """n samples of 8..SEQ+1 tokens, loss on the tail of each."""
+    rng = np.random.default_rng(seed)
+    writer = TokenStoreWriter(out)
+    for i in range(n):
+        length = int(rng.integers(8, SEQ + 2))
+        prompt = int(rng.integers(1, length - 2))
+        writer.add(f"s{i}", rng.integers(0, 500, length).tolist(), [0] * prompt + [1] * (length - prompt))
+    writer.close({"tokenizer": {"kind": "test", "path": "-", "fingerprint": "test-tokenizer", "vocab_size": 500,
+                                "eos_id": 1, "pad_id": 0}, "seq_length": SEQ})
+
+
+def make_training_root(root: Path) -> Path:
+    """Token stores `tokens` (16 samples) and `heldout` (6) and `cfg.yaml` under `root`; returns the config."""
+    write_token_store(root / "tokens", 16, seed=0)
+    write_token_store(root / "heldout", 6, seed=1)
+    body = {"run": {"name": "run", "data_root": str(root), "out_dir": str(root / "runs"), "seed": 7},
+            "platform": {"device": "cpu"},
+            "model": {"preset": "qwen3-tiny", "params_dtype": "fp32"},
+            "data": {"train": "tokens", "eval": "heldout", "seq_length": SEQ},
+            "collect": {"tau": 0.9, "k_max": 16, "micro_batch_size": 2, "store_dir": "store",
+                        "positions": {"strategy": "bucket", "amount": 0.5, "buckets": 2}},
+            "train": {"loss": "replay", "global_batch_size": 4, "micro_batch_size": 1, "train_iters": 6,
+                      "epochs": None, "save_interval": 3, "export_hf": False},
+            "optimizer": {"name": "moclip", "lr": 1e-3},
+            "eval": {"micro_batch_size": 2},
+            "logging": {"progress_bar": False, "tensorboard": False}}
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
