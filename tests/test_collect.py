@@ -15,25 +15,18 @@ import torch
 import yaml
 
 from qwen3_fixtures import tiny_hf_config, tiny_hf_model
+from train_fixtures import SEQ, write_token_store
 from replay_megatron.config import load_config
-from replay_megatron.data.token_store import TokenStoreWriter
 from replay_megatron.platform.spawn import run_local
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
 
-TAU, K_MAX, SEQ = 0.9, 16, 24
+TAU, K_MAX = 0.9, 16
 NEAR_TAU = 1e-5
 
 
 def _token_store(out: Path, tokenizer_fp: str, seed: int = 0, n: int = 11) -> None:
     """n samples of varying length; instruction-like masks (loss on the tail), vocabulary 500 of the model's 512."""
-    rng = np.random.default_rng(seed)
-    writer = TokenStoreWriter(out)
-    for i in range(n):
-        length = int(rng.integers(8, SEQ + 2))
-        prompt = int(rng.integers(1, length - 2))
-        writer.add(f"s{i}", rng.integers(0, 500, length).tolist(), [0] * prompt + [1] * (length - prompt))
-    writer.close({"tokenizer": {"kind": "test", "path": "-", "fingerprint": tokenizer_fp, "vocab_size": 500,
-                                "eos_id": 1, "pad_id": 0}, "seq_length": SEQ})
+    write_token_store(out, n, seed, tokenizer_fp)
 
 
 def _config(root: Path, name: str, tp: int = 1, pp: int = 1, store: str | None = None, data: str = "tokens"):
