@@ -259,16 +259,21 @@ class MoClip(torch.optim.Optimizer):
         if clip is None:
             clipped_grads = grads
         else:
-            # Multiplies by 0-dim tensors keep torch's multi-tensor fast path (a broadcasting addcmul would not).
+            # One temporary, as AdamW's one (fresh memory is the dearest part of a CPU step): g' is built
+            # in it with a broadcasting addcmul (0-dim beta, per tensor) and it then holds sqrt(v).
             clipped_grads = _each(fe, "mul", grads, clip.alpha.float())
-            _each(fe, "add_", clipped_grads, _each(fe, "mul", exp_avgs, clip.beta.float()))
+            beta = clip.beta.float()
+            for g_clipped, m in zip(clipped_grads, exp_avgs):
+                g_clipped.addcmul_(m, beta)
         _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
         _each(fe, "mul_", exp_avg_sqs, b2)
         _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
-        del clipped_grads
         bc1 = [1.0 - b1 ** t for t in b.steps]
         bc2_sqrt = [math.sqrt(1.0 - b2 ** t) for t in b.steps]
-        denom = _each(fe, "sqrt", exp_avg_sqs)
+        if clip is None:
+            denom = _each(fe, "sqrt", exp_avg_sqs)
+        else:
+            denom = [torch.sqrt(v, out=u) for v, u in zip(exp_avg_sqs, clipped_grads)]
         if eps is None:
             # atan2(m/bc1, b*sqrt(v/bc2)) == atan2(m, c*sqrt(v)) with c = b*bc1/sqrt(bc2) > 0.
             _each(fe, "mul_", denom, [bb * c1 / c2 for c1, c2 in zip(bc1, bc2_sqrt)])
