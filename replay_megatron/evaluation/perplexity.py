@@ -1,0 +1,67 @@
+"""Held-out perplexity (SPEC.md section 5, forgetting): full-vocabulary cross entropy of a megatron-core Qwen3
+at any TP/PP/DP, usable on a freshly loaded model (`eval`) or inside the training loop.
+
+The first `max_batches * micro_batch_size` samples (all when `max_batches` is None) are split over DP in
+Stage 0's order (`sequential_micro_batches`), so the evaluated set does not depend on DP, and run through
+megatron's forward-only pipeline schedule. On the last stage megatron's `vocab_parallel_cross_entropy` takes
+the vocab-parallel logits, padded vocabulary columns masked to -inf, and the per-token losses are summed
+over loss-bearing tokens. One all-reduce over the world, to which only TP rank 0 of each DP replica's last
+stage contributes, gives every rank the same (loss sum, token count).
+"""
+from __future__ import annotations
+
+import math
+from itertools import groupby
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from replay_megatron.data.dataset import GPTBatch, make_batch, sequential_micro_batches
+from replay_megatron.data.token_store import TokenDataset
+
+
+def _loss_sum_and_count(logits: torch.Tensor, batch: GPTBatch, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """[sum of per-token CE over loss-bearing tokens, their count] (float64) of one micro-batch."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from replay_megatron.replay.collect import mask_vocab_padding
+
+    logits = mask_vocab_padding(logits.float(), tp_rank * logits.shape[-1], vocab_size)
+    losses = vocab_parallel_cross_entropy(logits, batch.labels)  # [b, s]; TP-reduced inside
+    mask = batch.loss_mask > 0
+    return torch.stack([losses[mask].double().sum(), mask.sum().double()])
+
+
+def evaluate_perplexity(model: torch.nn.Module, dataset: TokenDataset, *, seq_length: int, micro_batch_size: int,
+                        max_batches: int | None, pad_id: int, layout, vocab_size: int) -> dict[str, Any]:
+    """{"eval_loss" (per-token mean CE), "perplexity" (exp of it), "tokens"} of `dataset` under `model`.
+
+    `model` is this rank's stage of the GPTModel (unwrapped from DDP), in eval mode; `layout` the
+    `ParallelLayout`; `vocab_size` the model's unpadded vocabulary (HF `vocab_size`): logit columns past it
+    are TP/divisibility padding. A collective: every rank calls it; every rank gets the result.
+    """
+    from replay_megatron.models.forward import pipeline_forward
+
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * micro_batch_size)
+    index_batches = list(sequential_micro_batches(n, micro_batch_size, layout.dp, layout.dp_rank))
+    device = layout.device.torch_device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    chunk = 4 * layout.pp  # micro-batches per schedule call (one call needs equal micro-batch sizes)
+    for _, same_size in groupby(index_batches, key=len):
+        same_size = list(same_size)
+        for start in range(0, len(same_size), chunk):
+            batches = [make_batch([dataset[i] for i in idx], seq_length, pad_id).to(device)
+                       for idx in same_size[start:start + chunk]]
+            results = pipeline_forward(model, [b.tokens for b in batches],
+                                       lambda out, i: _loss_sum_and_count(out, batches[i], vocab_size,
+                                                                          layout.tp_rank))
+            if layout.is_last_stage and layout.tp_rank == 0:
+                for r in results:
+                    totals += r
+    dist.all_reduce(totals)
+    loss_sum, tokens = totals.tolist()
+    if tokens == 0:
+        raise ValueError(f"held-out set {dataset.path}: no loss-bearing tokens in the {n} samples evaluated")
+    eval_loss = loss_sum / tokens
+    return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": int(tokens)}
