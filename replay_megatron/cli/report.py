@@ -1,0 +1,36 @@
+"""`replay-megatron report RUN_DIR... [--out DIR]`: runs side by side (SPEC.md section 5 metrics).
+
+Writes `report.md` (one column per run), `report.json` (the same numbers) and `plots/*.png` (loss, gradient
+norm, MoClip cos(phi) against the step; K_t histograms of replay runs) into DIR: by default the run dir
+itself for one run, `./report` for several. Needs metrics.jsonl in each run; resolved.yaml, summary.json,
+eval.json and the replay store are used when present ("-" otherwise). Exit codes: 0 done, 2 refused input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "compare runs: report.md / report.json with stability, efficiency, forgetting and domain metrics, plots"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `report`."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train's output)")
+    parser.add_argument("--out", help="output directory (default: the run dir for one run, ./report for several)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report and print where it is."""
+    from replay_megatron.reporting.report import REPORT_MD, write_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) if len(args.run_dirs) == 1 else Path("report")
+    try:
+        report = write_report(args.run_dirs, out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"replay-megatron report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {out / REPORT_MD} ({len(report['runs'])} runs, {len(report['plots'])} plots)")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    return 0

@@ -1,0 +1,96 @@
+"""The report's PNG plots (matplotlib, Agg backend: no display needed): one line per run for loss, gradient
+norm and MoClip's cos(phi) against the step, and the K_t (|S_t|) histogram of each replay run's store."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from replay_megatron.atomic_io import atomic_write_bytes
+from replay_megatron.reporting.runs import RunData
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(data: RunData, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over the run's records that have a finite value for it."""
+    points = [(r["step"], float(r[key])) for r in data.metrics if r.get(key) is not None]
+    points = [(s, v) for s, v in points if np.isfinite(v)]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG atomically and close it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _line_plot(runs: Sequence[RunData], labels: Sequence[str], key: str, ylabel: str, path: Path) -> Path | None:
+    """`key` vs step, one line per run that logs it; None (no file) when no run does."""
+    plotted = [(label, *_series(data, key)) for data, label in zip(runs, labels)]
+    plotted = [p for p in plotted if p[1]]
+    if not plotted:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, steps, values in plotted:
+        ax.plot(steps, values, label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def k_values(store_dir: Path) -> np.ndarray:
+    """K_t of every stored position of a replay store (per-position candidate counts before gold append)."""
+    from replay_megatron.replay.store import ReplayStore
+
+    store = ReplayStore.open(store_dir, verify=False)
+    parts = [store.get(int(sid)).k.numpy() for sid in store.sample_ids()]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def k_histogram(store_dir: Path, label: str, path: Path) -> Path | None:
+    """Histogram of K_t over a replay store's positions; None when the store holds no position."""
+    k = k_values(store_dir)
+    if k.size == 0:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(k, bins=np.arange(k.min(), k.max() + 2) - 0.5 if k.max() - k.min() < 100 else 100,
+            edgecolor="white")
+    ax.axvline(float(np.median(k)), color="k", linestyle="--", linewidth=1, label=f"median {np.median(k):g}")
+    ax.set_xlabel("K_t (candidates per stored position)")
+    ax.set_ylabel("positions")
+    ax.set_title(label)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_plots(runs: Sequence[RunData], labels: Sequence[str], plots_dir: Path) -> list[Path]:
+    """All plots for `runs` into `plots_dir`; returns the files written."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = [_line_plot(runs, labels, "loss", "training loss", plots_dir / "loss.png"),
+               _line_plot(runs, labels, "grad_norm", "gradient norm |g|", plots_dir / "grad_norm.png"),
+               _line_plot(runs, labels, "cos_phi", "MoClip cos(phi)", plots_dir / "cos_phi.png")]
+    for index, (data, label) in enumerate(zip(runs, labels)):
+        if data.store_dir is not None:
+            written.append(k_histogram(data.store_dir, label, plots_dir / f"k_hist_{index}_{_slug(label)}.png"))
+    return [p for p in written if p is not None]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
