@@ -143,7 +143,10 @@ def train(model, opt, steps):
         opt.step()
 
 
-def test_state_dict_round_trip_resumes_exactly():
+@pytest.mark.parametrize("counts_via", ["state_dict", "clip_counts"])
+def test_state_dict_round_trip_resumes_exactly(counts_via):
+    """The running clip counts travel in state_dict(), or, for a loop whose checkpoint drops them
+    (megatron's distributed optimizer), through the `clip_counts` property saved beside it."""
     kwargs = dict(max_angle=30.0, weight_decay=0.05)
     straight = make_mlp()
     opt = MoClip(param_groups(straight), **kwargs)
@@ -153,19 +156,28 @@ def test_state_dict_round_trip_resumes_exactly():
     opt1 = MoClip(param_groups(first), **kwargs)
     train(first, opt1, range(3))
     buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    opt_state = opt1.state_dict()
+    if counts_via == "clip_counts":
+        del opt_state["moclip_counts"]
+    torch.save({"model": first.state_dict(), "opt": opt_state, "counts": opt1.clip_counts}, buf)
     buf.seek(0)
     saved = torch.load(buf)
     resumed = make_mlp(seed=1)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(saved["model"])
     opt2 = MoClip(param_groups(resumed), **kwargs)
     opt2.load_state_dict(saved["opt"])
+    if counts_via == "clip_counts":
+        assert opt2.clip_counts == {"steps": 0, "clipped_steps": 0, "opposite_steps": 0}
+        opt2.clip_counts = saved["counts"]
+    assert opt2.clip_counts == opt1.clip_counts
     train(resumed, opt2, range(3, 6))
 
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert opt2.last_stats.as_floats() == opt.last_stats.as_floats()
     assert opt.last_stats.steps == 6 and int(opt.last_stats.clipped_steps) > 0
+    assert opt2.clip_counts == opt.clip_counts == {"steps": 6, "clipped_steps": int(opt.last_stats.clipped_steps),
+                                                   "opposite_steps": 0}
 
 
 def test_foreach_and_per_tensor_paths_are_identical():
@@ -218,3 +230,9 @@ def test_bad_hyperparameters_are_named():
         MoClip(p, eps=1e-8, atan2_a=1.27)
     with pytest.raises(ValueError, match="betas"):
         MoClip(p, betas=(0.9, 1.0))
+    opt = MoClip(p)
+    with pytest.raises(ValueError, match="clip_counts: missing .'opposite_steps'"):
+        opt.clip_counts = {"steps": 3, "clipped_steps": 1}
+    with pytest.raises(ValueError, match="clip_counts: need .*clipped_steps <= steps"):
+        opt.clip_counts = {"steps": 3, "clipped_steps": 4, "opposite_steps": 0}
+

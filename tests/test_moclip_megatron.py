@@ -2,7 +2,7 @@
 Qwen3 at TP2xPP2 (FP32Optimizer) and at DP2 (DistributedOptimizer, state sharded over DP) equal one
 process on the same data (fp32, parameters within 1e-5; the logged global cos(phi) per step equal);
 resuming the DP2 run from a megatron dist checkpoint of model + MoClip state at step 3 equals the
-uninterrupted run at step 6."""
+uninterrupted run at step 6, running clip counts included."""
 import pytest
 import torch
 
@@ -111,7 +111,7 @@ def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
     """TP1 PP1, DP = len(per_rank_steps), with or without the distributed optimizer: 6 uninterrupted
     steps, saving model + optimizer after step 3; then a fresh model and optimizer load that checkpoint
     and take steps 4-6. Returns both runs' stats of
-    steps 4-6 and the max |param difference| after step 6."""
+    steps 4-6, the max |param difference| after step 6 and both optimizers' running clip counts."""
     import os
 
     from megatron.core import dist_checkpointing
@@ -161,8 +161,9 @@ def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
     params = dict(model.module.named_parameters())
     dev = max((p.detach() - params[n].detach()).abs().max().item()
               for n, p in resumed_model.module.named_parameters())
+    counts = [moclip_optimizers(o)[0].clip_counts for o in (optimizer, resumed_optimizer)]
     shutdown()
-    return straight, resumed, dev
+    return straight, resumed, dev, counts
 
 
 @pytest.mark.multiproc
@@ -172,10 +173,11 @@ def test_resume_from_step3_checkpoint_equals_uninterrupted_run(tmp_path, dp, dis
     sd = hf_state_dict(tiny_hf_model(hf))
     batches = make_micro_batches(hf, n=12)
     per_rank = [[batches[2 * i + r: 2 * i + 2: dp] for i in range(6)] for r in range(dp)]
-    for straight, resumed, deviation in run_local(resume_run, dp, hf, sd, per_rank, str(tmp_path), distributed):
+    for straight, resumed, deviation, counts in run_local(resume_run, dp, hf, sd, per_rank, str(tmp_path), distributed):
         assert any(s["clipped"] for s in straight)
         assert_same_stats(resumed, straight)
         assert deviation < 1e-6
+        assert counts[1] == counts[0] and counts[0]["steps"] == 6  # the running clip counts resume too
 
 
 def build_variants(hf, hf_sd, micro_batches):

@@ -121,11 +121,17 @@ def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
     per-parameter `step`, no TE/Apex FusedAdam): the load copies into fp32 main params that are views of
     the model's leaf params (done under no_grad here), and the `dp_reshardable` format copies the
     loading template's `step` (a non-persistent object) over the checkpoint's; the checkpoint's step,
-    saved in the param groups, is re-applied to every MoClip parameter.
+    saved in the param groups, is re-applied to every MoClip parameter. The DistributedOptimizer also
+    hands its inner optimizer only `state` and `param_groups`: MoClip's running clip counts, saved
+    beside them, are set here.
     """
     with torch.no_grad():
         optimizer.load_state_dict(state_dict)
-    groups = state_dict.get("optimizer", {}).get("param_groups", []) if isinstance(state_dict, dict) else []
+    common = state_dict.get("optimizer", {}) if isinstance(state_dict, dict) else {}
+    if common.get("moclip_counts") is not None:
+        for moclip in moclip_optimizers(optimizer):
+            moclip.clip_counts = common["moclip_counts"]
+    groups = common.get("param_groups", [])
     steps = {float(g["step"]) for g in groups if g.get("step") is not None}
     if len(steps) > 1:
         raise ValueError(f"optimizer checkpoint: param groups at different steps {sorted(steps)}")

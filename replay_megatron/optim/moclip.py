@@ -171,12 +171,35 @@ class MoClip(torch.optim.Optimizer):
             raise ValueError(f"{where}: eps (Adam division instead of atan2) must be > 0 and leaves "
                              f"atan2_a = atan2_b = 1, got eps={g['eps']}, a={g['atan2_a']}, b={g['atan2_b']}")
 
-    # ---- state_dict: the running clip counts travel with the optimizer state ----
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    # ---- the running clip counts: in state_dict(), and settable for a loop that saves them itself ----
+    @property
+    def clip_counts(self) -> dict[str, int]:
+        """The running counts behind `last_stats.clip_rate`: {"steps", "clipped_steps", "opposite_steps"}.
+
+        Saved by `state_dict()`. Settable for wrappers that load only `state` and `param_groups` into
+        the inner optimizer (megatron's distributed optimizer: `optim.megatron.load_optimizer_state`
+        sets them) and for a loop that checkpoints them itself. Reading synchronises with the device.
+        """
         counts = [0, 0] if self._clipped_steps is None else \
             torch.stack([self._clipped_steps, self._opposite_steps]).tolist()
-        sd["moclip_counts"] = {"steps": self._steps, "clipped_steps": counts[0], "opposite_steps": counts[1]}
+        return {"steps": self._steps, "clipped_steps": counts[0], "opposite_steps": counts[1]}
+
+    @clip_counts.setter
+    def clip_counts(self, counts: dict[str, int]) -> None:
+        missing = {"steps", "clipped_steps", "opposite_steps"} - set(counts)
+        if missing:
+            raise ValueError(f"MoClip clip_counts: missing {sorted(missing)} in {counts}")
+        steps, clipped, opposite = (int(counts[k]) for k in ("steps", "clipped_steps", "opposite_steps"))
+        if not 0 <= opposite <= clipped <= steps:
+            raise ValueError(f"MoClip clip_counts: need 0 <= opposite_steps <= clipped_steps <= steps, got {counts}")
+        device = self._stats_device()
+        self._steps = steps
+        self._clipped_steps = torch.tensor(clipped, dtype=torch.int64, device=device)
+        self._opposite_steps = torch.tensor(opposite, dtype=torch.int64, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["moclip_counts"] = self.clip_counts
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -189,12 +212,7 @@ class MoClip(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key in ("exp_avg", "exp_avg_sq"):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
-        self._steps = 0 if counts is None else int(counts["steps"])
-        self._clipped_steps = self._opposite_steps = None
-        if counts is not None and self.param_groups and self.param_groups[0]["params"]:
-            device = self.param_groups[0]["params"][0].device
-            self._clipped_steps = torch.tensor(counts["clipped_steps"], dtype=torch.int64, device=device)
-            self._opposite_steps = torch.tensor(counts["opposite_steps"], dtype=torch.int64, device=device)
+        self.clip_counts = counts or {"steps": 0, "clipped_steps": 0, "opposite_steps": 0}
 
     # ---- the step ----
     def _buckets(self) -> tuple[list[_Bucket], bool]:
