@@ -236,3 +236,16 @@ def test_bad_hyperparameters_are_named():
     with pytest.raises(ValueError, match="clip_counts: need .*clipped_steps <= steps"):
         opt.clip_counts = {"steps": 3, "clipped_steps": 4, "opposite_steps": 0}
 
+
+def test_package_exports_the_megatron_builder_lazily():
+    """`replay_megatron.optim` stays free of megatron until its builder is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, replay_megatron.optim as optim\n"
+            "assert not any(m.split('.')[0] == 'megatron' for m in sys.modules), 'megatron imported'\n"
+            "from replay_megatron.optim import build_optimizer, load_optimizer_state, moclip_optimizers\n"
+            "from replay_megatron.optim import megatron\n"
+            "assert build_optimizer is megatron.build_optimizer\n"
+            "assert load_optimizer_state is megatron.load_optimizer_state\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
