@@ -31,7 +31,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)  # OptimizerParamScheduler.state_dict()
-    moclip_counts: dict[str, int] | None = None  # running clip counts (MoClip.state_dict()["moclip_counts"])
+    moclip_counts: dict[str, int] | None = None  # MoClip.clip_counts (the running clip rate)
     parallel: dict[str, Any] = field(default_factory=dict)  # tp, pp, dp, distributed_optimizer
     config_fingerprint: str = ""
 

@@ -248,7 +248,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
         scheduler.load_state_dict(state.scheduler)
         moclip = _moclip(optimizer)
         if moclip is not None and optimizer_loaded and state.moclip_counts is not None:
-            moclip.load_state_dict({**moclip.state_dict(), "moclip_counts": state.moclip_counts})
+            moclip.clip_counts = state.moclip_counts
         if layout.rank == 0:
             print(f"[train] resuming {run_dir} from {latest.name} (step {state.step}, {state.consumed_samples} "
                   f"samples){'' if optimizer_loaded else f'; saved at layout {state.parallel}, now {parallel}: weights and data position loaded, optimizer state starts fresh'}",
@@ -322,7 +322,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
 def _save(run_dir: Path, state: TrainState, model, optimizer, scheduler, hf) -> None:
     state.scheduler = scheduler.state_dict()
     moclip = _moclip(optimizer)
-    state.moclip_counts = moclip.state_dict()["moclip_counts"] if moclip is not None else None
+    state.moclip_counts = moclip.clip_counts if moclip is not None else None
     save_checkpoint(run_dir, state, model, optimizer, hf)
 
 
