@@ -16,9 +16,9 @@ SEQ = 16
 LOSS_TOL = 1e-5
 
 
-def _hf_pair():
-    """(hf config, base HF model, fine-tuned HF model): vocab 500, padded to 512 by the megatron model."""
-    hf = tiny_hf_config(vocab_size=500)
+def _hf_pair(vocab_size=500):
+    """(hf config, base HF model, fine-tuned HF model); vocab 500 is padded to 512 by the megatron model."""
+    hf = tiny_hf_config(vocab_size=vocab_size)
     base = tiny_hf_model(hf, seed=0)
     ft = tiny_hf_model(hf, seed=0)
     g = torch.Generator().manual_seed(7)
