@@ -46,6 +46,7 @@ ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("relative_l2", "relative L2 to base", _num(".3e")),
     ("domain_accuracy", "domain accuracy", _num(".3f")),
     ("stage0_time_s", "Stage 0 time (s)", _num(".1f")),
+    ("stage0_s_per_micro_batch", "Stage 0 s per micro-batch", _num(".3f")),
     ("storage_bytes_per_position", "Stage 0 bytes per position", _num(".1f")),
     ("storage_fraction_of_fp16_logits", "Stage 0 storage / fp16 logits", lambda v: f"{100 * v:.3f}%"),
     ("k_median", "K_t median", _num("g")),

@@ -19,7 +19,8 @@ from typing import Any
 from replay_megatron.reporting.stability import stability_metrics
 from replay_megatron.training import run_dir as layout_of_run
 
-STAGE0_TIME_KEY = "elapsed_s"  # wall time of Stage 0, read from <store>/collect.json when collect records it
+# Written by collect (replay.collect.TIMING_RECORD) into the store: {"wall_s", "seconds_per_micro_batch", ...}.
+STAGE0_TIMING = "collect_timing.json"
 
 
 @dataclass
@@ -102,12 +103,15 @@ def method_name(data: RunData) -> str | None:
 
 
 def store_figures(store_dir: Path) -> dict[str, Any]:
-    """Stage 0 figures of a replay store: bytes per position, fraction of fp16 logits, K_t stats, time."""
+    """Stage 0 figures of a replay store: bytes per position, fraction of fp16 logits, K_t stats, wall time
+    (of the collect invocation that finished the store) when collect recorded it."""
     from replay_megatron.replay.store import ReplayStore
 
     s = ReplayStore.open(store_dir, verify=False).summary()
-    started = _read_json(store_dir / "collect.json") or {}
-    return {"stage0_time_s": started.get(STAGE0_TIME_KEY), "storage_bytes_per_position": s["bytes_per_position"],
+    timing = _read_json(store_dir / STAGE0_TIMING) or {}
+    return {"stage0_time_s": timing.get("wall_s"),
+            "stage0_s_per_micro_batch": timing.get("seconds_per_micro_batch"),
+            "storage_bytes_per_position": s["bytes_per_position"],
             "storage_fraction_of_fp16_logits": s["fraction_of_fp16_logits"], "k_median": s["k_median"],
             "k_mean": s["k_mean"]}
 
@@ -134,8 +138,8 @@ def run_row(data: RunData) -> dict[str, Any]:
         "peak_memory_bytes": int(max(peaks)) if peaks else None,
         "perplexity_change": ev.get("perplexity_change"), "perplexity_change_rel": ev.get("perplexity_change_rel"),
         "relative_l2": ev.get("relative_l2"), "domain_accuracy": domain.get("accuracy"),
-        "stage0_time_s": None, "storage_bytes_per_position": None, "storage_fraction_of_fp16_logits": None,
-        "k_median": None, "k_mean": None,
+        "stage0_time_s": None, "stage0_s_per_micro_batch": None, "storage_bytes_per_position": None,
+        "storage_fraction_of_fp16_logits": None, "k_median": None, "k_mean": None,
     }
     if data.store_dir is not None:
         row.update(store_figures(data.store_dir))
