@@ -106,7 +106,8 @@ def test_report_numbers_table_and_plots(runs, tmp_path):
                 "| grad-norm CV | 0.250 | 0.333 |", "| loss spikes | 1 | 0 |",
                 "| perplexity change (ft - base) | +0.2500 | - |", "| perplexity change (relative) | +5.00% | - |",
                 "| relative L2 to base | 1.500e-03 | - |", "| domain accuracy | 0.400 | - |",
-                "| Stage 0 time (s) | 12.5 | - |", "| Stage 0 s per micro-batch | 0.250 | - |", "| K_t median | 2.5 | - |",
+                "| Stage 0 time (s) | 12.5 | - |", "| Stage 0 s per micro-batch | 0.250 | - |",
+                "| K_t median | 2.5 | - |",
                 "| Stage 0 storage / fp16 logits | " + f"{100 * r['storage_fraction_of_fp16_logits']:.3f}% | - |"):
         assert row in md, row
 
