@@ -1,0 +1,127 @@
+"""The demo's steps (issue 7): data -> tokenizer -> token stores -> base pre-training -> Stage 0 -> the
+comparison runs -> eval of each -> report, every one a `replay-megatron` subcommand (runner.py runs them).
+
+The configs in `configs/demo/` are the single source of what runs: the pre-training config names the
+general corpus, the comparison configs (one per method) the NL2SQL set, the replay store and the eval
+sets; `preprocess.train_input` / `eval_input` say which raw file becomes which token store. Every path is
+relative to `run.data_root`, which the demo sets to its output dir, with runs under `<out>/runs`.
+
+`--quick` (the CI smoke run) keeps the shapes and the code paths and shrinks the work: a few hundred
+generated samples, a few optimizer steps, two methods, a handful of eval examples (`QUICK_*` below).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from replay_megatron.demo.generate import TOKENIZER_FILE, DemoDataConfig
+from replay_megatron.demo.runner import Step
+from replay_megatron.training import run_dir as layout_of_run
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+PRETRAIN = "pretrain"
+METHODS = ("sft_adamw", "topk_moclip", "sft_moclip", "topk_adamw")  # the comparison, then the mixed variants
+QUICK_METHODS = METHODS[:2]
+QUICK_PRETRAIN = ("train.train_iters=16",)
+QUICK_POSTTRAIN = ("train.train_iters=6", "eval.max_batches=1", "eval.domain.limit=6",
+                   "eval.domain.max_new_tokens=24")
+
+
+def data_args(cfg: DemoDataConfig) -> tuple[str, ...]:
+    """`make-demo-data` options giving `cfg`'s sizes."""
+    return tuple(f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items())
+
+
+def _resolved(cfg) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def _ranks(cfg) -> int:
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+
+
+def _run_complete(cfg) -> bool:
+    """train finished all its steps (summary.json says so) and exported to HF when asked."""
+    summary = cfg.run_dir / layout_of_run.SUMMARY
+    if not summary.is_file() or json.loads(summary.read_text()).get("status") != "completed":
+        return False
+    return not cfg.train.export_hf or (cfg.run_dir / layout_of_run.HF_EXPORT / "config.json").is_file()
+
+
+def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None,
+               config_dir: Path = CONFIG_DIR) -> list[Step]:
+    """The demo's steps in order, for output dir `out` (absolute)."""
+    from replay_megatron.config import load_config
+
+    common = [f"run.data_root={out}", f"run.out_dir={out / 'runs'}"] + ([f"run.seed={seed}"] if seed is not None else [])
+    pre_file = config_dir / f"{PRETRAIN}.yaml"
+    pre_over = common + list(QUICK_PRETRAIN if quick else ())
+    pre = load_config(pre_file, pre_over)
+    if pre.train.train_iters is None:
+        raise ValueError(f"{pre_file}: the demo needs train.train_iters (it names the base checkpoint)")
+    base = pre.run_dir / layout_of_run.CHECKPOINTS / layout_of_run.checkpoint_name(pre.train.train_iters) / "model"
+    post_over = common + [f"model.mcore_checkpoint={base}"] + list(QUICK_POSTTRAIN if quick else ())
+    methods = {m: (config_dir / f"{m}.yaml", load_config(config_dir / f"{m}.yaml", post_over))
+               for m in (QUICK_METHODS if quick else METHODS)}
+
+    tokenizer = pre.input_path(pre.data.tokenizer)
+    if tokenizer.name != TOKENIZER_FILE:
+        raise ValueError(f"{pre_file}: data.tokenizer must be <demo data dir>/{TOKENIZER_FILE}, got {tokenizer}")
+    data_dir = tokenizer.parent
+    steps = [Step("data", ("make-demo-data", "--out", str(data_dir),
+                           *data_args(DemoDataConfig.quick() if quick else DemoDataConfig())),
+                  outputs=(data_dir,),
+                  complete=lambda: (data_dir / "manifest.json").is_file() and tokenizer.is_file())]
+
+    stores: dict[Path, str] = {}  # token store dir -> its preprocess step
+
+    def preprocess(cfg, raw: str | None, store: str | None) -> list[str]:
+        if raw is None or store is None:
+            return []
+        src, dst = cfg.input_path(raw), cfg.input_path(store)
+        if dst not in stores:
+            stores[dst] = f"preprocess-{dst.name}"
+            steps.append(Step(stores[dst], ("preprocess", "--input", str(src), "--tokenizer", str(tokenizer),
+                                            "--out", str(dst), "--seq-length", str(cfg.data.seq_length),
+                                            "--format", cfg.preprocess.format, "--no-progress"),
+                              outputs=(dst,), complete=lambda: (dst / "meta.json").is_file(), after=("data",)))
+        return [stores[dst]]
+
+    def inputs(cfg) -> tuple[str, ...]:
+        return ("data", *preprocess(cfg, cfg.preprocess.train_input, cfg.data.train),
+                *preprocess(cfg, cfg.preprocess.eval_input, cfg.data.eval))
+
+    steps.append(Step(PRETRAIN, ("train", str(pre_file), *pre_over), outputs=(pre.run_dir,),
+                      complete=lambda: _run_complete(pre) and base.is_dir(),
+                      ranks=_ranks(pre), after=inputs(pre), config_content=_resolved(pre)))
+
+    collects: dict[Path, str] = {}  # replay store dir -> its collect step
+    for name, (path, cfg) in methods.items():
+        after = (PRETRAIN, *inputs(cfg))
+        if cfg.train.loss == "replay":
+            store = cfg.input_path(cfg.train.replay_store)
+            if store not in collects:
+                collects[store] = f"collect-{store.name}"
+                steps.append(Step(collects[store], ("collect", str(path), *post_over), outputs=(store,),
+                                  complete=lambda store=store: (store / "manifest.json").is_file(),
+                                  ranks=_ranks(cfg), after=after, config_content=_resolved(cfg)))
+            after = (*after, collects[store])
+        steps.append(Step(f"train-{name}", ("train", str(path), *post_over), outputs=(cfg.run_dir,),
+                          complete=lambda cfg=cfg: _run_complete(cfg), ranks=_ranks(cfg), after=after,
+                          config_content=_resolved(cfg)))
+    for name, (path, cfg) in methods.items():
+        eval_json = cfg.run_dir / layout_of_run.EVAL
+        steps.append(Step(f"eval-{name}", ("eval", str(path), *post_over), outputs=(eval_json,),
+                          complete=eval_json.is_file, ranks=_ranks(cfg), after=(f"train-{name}",),
+                          config_content=_resolved(cfg)))
+    report = report_dir(out)
+    steps.append(Step("report", ("report", *(str(cfg.run_dir) for _, cfg in methods.values()), "--out", str(report)),
+                      outputs=(report,), complete=lambda: (report / "report.md").is_file(),
+                      after=tuple(f"eval-{m}" for m in methods)))
+    return steps
+
+
+def report_dir(out: Path) -> Path:
+    """Where the demo's report goes."""
+    return out / "report"
