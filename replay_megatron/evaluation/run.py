@@ -3,7 +3,7 @@
 At the config's TP x PP (DP = the rest of the world) it builds two copies of the model, the run's final
 weights (`run_dir.checkpoint_model_dir`) and the base weights, computes the held-out perplexity of both on
 `data.eval` (when set), the perplexity change and the relative L2 distance; then, on rank 0 only and with
-the distributed state still up, the domain metric through the HF export when `eval.domain` is set and
+no other rank waiting on it, the domain metric through the HF export when `eval.domain` is set and
 `<run_dir>/hf` exists. Rank 0 writes `<run_dir>/eval.json` atomically.
 
 The base (theta_base) is `eval.base_checkpoint` (an HF dir or a `save_megatron` dir) when set, else the
@@ -142,13 +142,13 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
                       perplexity_change=after["perplexity"] - before["perplexity"],
                       perplexity_change_rel=(after["perplexity"] - before["perplexity"]) / before["perplexity"])
     del base, final
-    if cfg.eval.domain is not None and layout.rank == 0:
+    dist.barrier()
+    if layout.rank != 0:  # the domain metric runs on rank 0 alone; no collective waits for it
+        return None
+    if cfg.eval.domain is not None:
         result["domain"] = (_domain(cfg, paths["hf_export"], layout.device.torch_device)
                             if paths["hf_export"] is not None else
                             {"skipped": f"{run_dir / layout_of_run.HF_EXPORT} does not exist (train.export_hf)"})
-    dist.barrier()
-    if layout.rank != 0:
-        return None
     atomic_write_json(run_dir / layout_of_run.EVAL, result)
     return result
 
