@@ -18,6 +18,7 @@ from qwen3_fixtures import tiny_hf_config, tiny_hf_model
 from train_fixtures import SEQ, write_token_store
 from replay_megatron.config import load_config
 from replay_megatron.platform.spawn import run_local
+from replay_megatron.replay.collect import TIMING_RECORD
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
 
 TAU, K_MAX = 0.9, 16
@@ -122,10 +123,11 @@ def test_layouts_store_the_same_records(stores, layout):
 @pytest.mark.multiproc
 def test_resumed_store_is_byte_identical(stores):
     ref, resumed = stores / "stores/ref", stores / "stores/resumed"
-    files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.name != "resolved.yaml")
+    run_records = {"resolved.yaml", TIMING_RECORD}  # the run's config and wall time, not the store
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.name not in run_records)
     assert "manifest.json" in {f.name for f in files} and any(f.name == "candidate_ids.npy" for f in files)
     assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*")
-                           if p.is_file() and p.name != "resolved.yaml")
+                           if p.is_file() and p.name not in run_records)
     for f in files:
         assert (ref / f).read_bytes() == (resumed / f).read_bytes(), f
 

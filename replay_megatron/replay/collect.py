@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -43,6 +44,7 @@ from replay_megatron.replay.selection import TopKSelection, dynamic_topk, gold_p
 from replay_megatron.replay.store import MANIFEST_NAME, ReplayStore, ReplayStoreError, ReplayStoreWriter
 
 START_RECORD = "collect.json"
+TIMING_RECORD = "collect_timing.json"  # Stage 0 wall time of the invocation that finished the store
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,7 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     device = layout.device.torch_device
     show = (cfg.logging.progress_bar if progress is None else progress) and layout.rank == 0
     bar = _progress(len(index_batches), len(index_batches) - len(todo), show)
+    started = time.perf_counter()
     chunk = 4 * layout.pp  # micro-batches in flight per pipeline_forward call
     sized = [list(g) for _, g in groupby(todo, key=lambda m: len(index_batches[m]))]
     for group in sized:
@@ -304,6 +307,7 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
             pipeline_forward(model, [b.tokens for b in batches], on_output)
             bar.update(len(ids))
     bar.close()
+    elapsed = time.perf_counter() - started
     if stop_after is not None:
         return None
     if writer is not None:
@@ -316,7 +320,11 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
 
         finalize_store(store_dir, layout.dp, config=record["config"], fingerprints=record["fingerprints"],
                        vocab_size=record["vocab_size"])
-    return ReplayStore.open(store_dir, expect=record["fingerprints"]).summary()
+    timing = {"wall_s": elapsed, "micro_batches": len(todo), "micro_batch_size": settings.micro_batch_size,
+              "seconds_per_micro_batch": elapsed / len(todo) if todo else None}
+    if todo:  # a re-run of a finished store computes nothing and keeps the first timing
+        atomic_write_json(store_dir / TIMING_RECORD, timing)
+    return {**ReplayStore.open(store_dir, expect=record["fingerprints"]).summary(), "timing": timing}
 
 
 def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStoreWriter | None, *,
@@ -349,5 +357,8 @@ def format_summary(summary: Mapping[str, float | int], store_dir: str | Path) ->
             f"  K_t median {s['k_median']:.1f}  mean {s['k_mean']:.2f}  p90 {s['k_p90']:.1f}\n"
             f"  gold appended {100 * s['gold_appended_rate']:.2f}%  mean covered mass {s['covered_mass_mean']:.4f}\n"
             f"  {s['bytes_per_position']:.1f} bytes per position = {100 * s['fraction_of_fp16_logits']:.3f}% of "
-            f"full fp16 logits ({s['bytes']} bytes)")
+            f"full fp16 logits ({s['bytes']} bytes)"
+            + (f"\n  Stage 0 time {s['timing']['wall_s']:.1f} s, {s['timing']['seconds_per_micro_batch']:.3f} s per "
+               f"micro-batch of {s['timing']['micro_batch_size']}"
+               if s.get("timing", {}).get("seconds_per_micro_batch") else ""))
 
