@@ -47,6 +47,7 @@ def run(tmp_path_factory):
     (checkpoints / "iter_0000002" / "train_state.json").write_text("{}")
     (checkpoints / "latest").write_text("iter_0000002")
     write_hf_dir(run_dir / "hf", hf_state_dict(ft), hf)
+    write_hf_dir(root / "hf_base", hf_state_dict(base), hf)
     generate_demo_data(root / "demo", DemoDataConfig.quick(seed=2))
     train_demo_tokenizer(root / "demo", vocab_size=512)
     config = root / "eval.yaml"
@@ -84,12 +85,33 @@ def test_eval_tp1_with_domain(run):
 
 
 @pytest.mark.multiproc
-def test_eval_tp2_equals_references(run):
-    argv = ["--config", run["config"], "parallel.tensor_model_parallel_size=2", "eval.domain=null"]
+def test_eval_tp2_with_an_hf_base_equals_references(run):
+    """TP2, the base given as an HF directory (eval.base_checkpoint): the same numbers."""
+    argv = ["--config", run["config"], "parallel.tensor_model_parallel_size=2", "eval.domain=null",
+            "eval.base_checkpoint=hf_base"]
     assert run_local(cli_eval, 2, argv) == [0, 0]
     result = json.loads((run["run_dir"] / "eval.json").read_text())
     _check(result, run["expected"])
     assert result["parallel"] == {"tp": 2, "pp": 1, "dp": 1} and result["domain"] is None
+    assert result["base_weights"] == str(run["root"] / "hf_base")
+
+
+def test_base_weights_choice(run, tmp_path):
+    """eval.base_checkpoint first, then model.mcore_checkpoint / model.hf_path, then the run's iter_0000000."""
+    from replay_megatron.config import load_config
+    from replay_megatron.evaluation.run import base_weights
+
+    root, run_dir = run["root"], run["run_dir"]
+    mcore = run_dir / "checkpoints" / "iter_0000002" / "model"
+    cases = [([], run_dir / "checkpoints" / "iter_0000000" / "model"),
+             (["eval.base_checkpoint=hf_base"], root / "hf_base"),
+             ([f"model.mcore_checkpoint={mcore}"], mcore),
+             (["model.preset=null", "model.hf_path=hf_base"], root / "hf_base"),
+             (["eval.base_checkpoint=hf_base", f"model.mcore_checkpoint={mcore}"], root / "hf_base")]
+    for overrides, expected in cases:
+        assert base_weights(load_config(run["config"], overrides), run_dir) == expected, overrides
+    with pytest.raises(FileNotFoundError, match="iter_0000000/model"):
+        base_weights(load_config(run["config"]), tmp_path)
 
 
 def test_missing_inputs_are_named(run, tmp_path, capsys):
