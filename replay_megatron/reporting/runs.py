@@ -19,9 +19,6 @@ from typing import Any
 from replay_megatron.reporting.stability import stability_metrics
 from replay_megatron.training import run_dir as layout_of_run
 
-# Written by collect (replay.collect.TIMING_RECORD) into the store: {"wall_s", "seconds_per_micro_batch", ...}.
-STAGE0_TIMING = "collect_timing.json"
-
 
 @dataclass
 class RunData:
@@ -105,10 +102,11 @@ def method_name(data: RunData) -> str | None:
 def store_figures(store_dir: Path) -> dict[str, Any]:
     """Stage 0 figures of a replay store: bytes per position, fraction of fp16 logits, K_t stats, wall time
     (of the collect invocation that finished the store) when collect recorded it."""
+    from replay_megatron.replay.collect import TIMING_RECORD
     from replay_megatron.replay.store import ReplayStore
 
     s = ReplayStore.open(store_dir, verify=False).summary()
-    timing = _read_json(store_dir / STAGE0_TIMING) or {}
+    timing = _read_json(store_dir / TIMING_RECORD) or {}
     return {"stage0_time_s": timing.get("wall_s"),
             "stage0_s_per_micro_batch": timing.get("seconds_per_micro_batch"),
             "storage_bytes_per_position": s["bytes_per_position"],
