@@ -262,7 +262,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     pad_id = int(dataset.meta["tokenizer"].get("pad_id") or 0)
     samples = train_micro_batches(len(dataset), t.micro_batch_size, layout.dp, layout.dp_rank, cfg.run.seed,
                                   consumed_samples=state.consumed_samples)
-    eval_data = _EvalData(cfg, layout) if cfg.data.eval is not None else None
+    eval_data = _EvalData(cfg, layout, hf["vocab_size"]) if cfg.data.eval is not None else None
     logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            resume_step=state.step) if layout.rank == 0 else None
     show = (cfg.logging.progress_bar if progress is None else progress) and layout.rank == 0
@@ -344,10 +344,10 @@ def _step_record(cfg, state: TrainState, result: dict, optimizer, elapsed: float
 class _EvalData:
     """Held-out perplexity during training (every train.eval_interval steps and at the end)."""
 
-    def __init__(self, cfg, layout) -> None:
+    def __init__(self, cfg, layout, vocab_size: int) -> None:
         from replay_megatron.data.token_store import TokenDataset
 
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.layout, self.vocab_size = cfg, layout, vocab_size
         self.dataset = TokenDataset(cfg.input_path(cfg.data.eval))
 
     def run(self, model, step: int, logger: MetricsLogger | None) -> None:
@@ -358,7 +358,8 @@ class _EvalData:
             result = evaluate_perplexity(
                 model.module, self.dataset, seq_length=self.cfg.data.seq_length,
                 micro_batch_size=self.cfg.eval.micro_batch_size, max_batches=self.cfg.eval.max_batches,
-                pad_id=int(self.dataset.meta["tokenizer"].get("pad_id") or 0), layout=self.layout)
+                pad_id=int(self.dataset.meta["tokenizer"].get("pad_id") or 0), layout=self.layout,
+                vocab_size=self.vocab_size)
         model.train()
         if logger is not None:
             logger.log({"step": step, **result}, eval_record=True)
