@@ -2,8 +2,9 @@
 
 One program per position t. Forward: gather-dot of h_t with its candidate rows of the local W shard and an
 online log-sum-exp over candidate blocks, giving zr [N, C] and the local (max, sum-exp, target logit).
-Backward: dh_t = sum_j dzr_j W_j and dW_j += dzr_j h_t, atomically, into the shard's rows. The TP
-all-reduces of the per-position scalars run in torch between the two launches (the op's shared code).
+Backward: dh_t = sum_j dzr_j W_j and dW_j += dzr_j h_t, atomically, into the shard's rows (those of
+megatron's fp32 main_grad buffer when the weight has one, see replay_megatron.ops). The TP all-reduces of
+the per-position scalars run in torch between the two launches (the op's shared code).
 Runs on CUDA, on Ascend NPUs through triton-ascend, and on CPU under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -94,16 +95,21 @@ class TritonCandidates:
                                             zr.stride(0), BLOCK_C=block_c, BLOCK_H=block_h)
         return zr, m, s, gold
 
-    def grads(self, dzr, hidden, weight, rows, need_dh, need_dw):
+    def grads(self, dzr, hidden, weight, rows, need_dh, dw_out):
         n, c = rows.shape
         dzr, hidden, weight, rows = dzr.contiguous(), hidden.contiguous(), weight.contiguous(), rows.contiguous()
         dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        if n and (need_dh or need_dw):
+        # the kernel adds fp32 rows atomically into its target: dw_out itself when it can take them (the
+        # op's dense buffer, or an fp32 megatron main_grad), else an fp32 scratch added afterwards
+        direct = dw_out is None or (dw_out.dtype == torch.float32 and dw_out.stride(1) == 1)
+        dw = dw_out if direct else torch.zeros(dw_out.shape, dtype=torch.float32, device=dw_out.device)
+        if n and (need_dh or dw is not None):
             block_c, block_h = _blocks(c, hidden.shape[1])
-            dh_arg, dw_arg = (dh if need_dh else dzr), (dw if need_dw else dzr)  # unused pointers when off
+            dh_arg, dw_arg = (dzr if dh is None else dh), (dzr if dw is None else dw)  # unused pointers when off
             _restricted_ce_bwd_kernel[(n,)](dzr, hidden, weight, rows, dh_arg, dw_arg, c, hidden.shape[1],
                                             dzr.stride(0), hidden.stride(0), weight.stride(0), rows.stride(0),
                                             dh_arg.stride(0), dw_arg.stride(0), COMPUTE_DH=need_dh,
-                                            COMPUTE_DW=need_dw, BLOCK_C=block_c, BLOCK_H=block_h)
-        return dh, dw
+                                            COMPUTE_DW=dw is not None, BLOCK_C=block_c, BLOCK_H=block_h)
+        if not direct:
+            dw_out += dw.to(dw_out.dtype)
+        return dh

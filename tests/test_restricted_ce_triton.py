@@ -4,7 +4,8 @@ Triton decides at import time whether its own library functions are interpreted,
 one spawned process that has TRITON_INTERPRET=1 before anything imports triton (in this pytest process
 megatron or another test may already have imported it). The grid covers ragged C across several candidate
 blocks, N not a multiple of anything, H not a power of two and above one H block, H=1, bf16
-inputs, the KL (soft-target) form, and each gradient alone. (The kernel under TP=2 is in
+inputs, the KL (soft-target) form, each gradient alone, and dW added into a megatron-style main_grad
+(fp32 straight from the kernel; bf16 through an fp32 scratch). (The kernel under TP=2 is in
 test_restricted_ce_tp.py.)
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from replay_megatron.ops import restricted_cross_entropy, restricted_kl_divergence
 from replay_megatron.platform.spawn import run_local
 from test_restricted_ce import loss_and_grads, make_case, rel_err
+from test_restricted_ce_main_grad import _fused_step
 
 # find_spec, not import: the spawned child imports this module before run_local sets TRITON_INTERPRET
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -53,6 +55,16 @@ def _single_gradient(trainable: str) -> list[tuple[str, float, float]]:
     return [(f"d{trainable} alone", rel_err(grads["triton"], grads["torch"]), 1e-5)]
 
 
+def _main_grad(dtype: torch.dtype) -> list[tuple[str, float, float]]:
+    hidden, weight, candidates, targets, _ = make_case(13)
+    dense = loss_and_grads(restricted_cross_entropy, hidden, weight, candidates, targets, backend="torch")
+    # fp32: on top of earlier micro-batches; bf16: from zero, so the error is the rounding of dW alone
+    initial = (torch.ones if dtype == torch.float32 else torch.zeros)(weight.shape, dtype=dtype)
+    _, _, increment, grad = _fused_step(hidden, weight, candidates, targets, initial, backend="triton")
+    err = rel_err(increment, dense[2]) if grad is None else float("inf")
+    return [(f"dW into {dtype} main_grad", err, 1e-5 if dtype == torch.float32 else 1e-2)]
+
+
 def _kernel_vs_op() -> list[tuple[str, str, float, float]]:
     results = []
     for n, h, v, c in SHAPES:
@@ -65,11 +77,13 @@ def _kernel_vs_op() -> list[tuple[str, str, float, float]]:
     results += [("ce bf16", *r) for r in _compare(restricted_cross_entropy, hidden, weight, candidates, targets)]
     for trainable in ("hidden", "weight"):
         results += [("single", *r) for r in _single_gradient(trainable)]
+    for dtype in (torch.float32, torch.bfloat16):
+        results += [("main_grad", *r) for r in _main_grad(dtype)]
     return results
 
 
 def test_kernel_equals_pytorch_op_under_interpreter():
     (results,) = run_local(_kernel_vs_op, 1, env={"TRITON_INTERPRET": "1"})
-    assert len(results) == 3 * 2 * len(SHAPES) + 3 + 2
+    assert len(results) == 3 * 2 * len(SHAPES) + 3 + 2 + 2
     bad = [r for r in results if not r[2] < r[3]]
     assert not bad, bad

@@ -19,6 +19,14 @@ sum_j dzr_j W_j over its own candidate rows. The caller must feed `hidden` throu
 all-reduces over TP, e.g. `megatron.core.tensor_parallel.copy_to_tensor_model_parallel_region(hidden)`
 (what ColumnParallelLinear does to its input without sequence parallelism). `dW` lands on this rank's
 rows only.
+
+Weight gradient into megatron DDP's buffer (the analogue of megatron's gradient_accumulation_fusion):
+when `weight` carries `main_grad` (DDP's view of its grad buffer), backward adds the candidate rows of dW
+straight into it, a bounded block of vocabulary rows at a time, and returns no weight gradient, so no
+dense [V_local, H] gradient ever exists. `grad_added_to_main_grad` is left alone: with a tied embedding
+the lookup's dense gradient still arrives as `param.grad` and DDP's hook adds it to main_grad as usual.
+Not with DDP's overlap_grad_reduce, whose hook requires a `param.grad` to mark the bucket ready: there
+pass `fuse_main_grad=False` (dense gradient, DDP adds it; training/replay_head.py does this).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 _CHUNK_BYTES = 64 << 20  # default budget for one chunk's gathered fp32 candidate rows [chunk, C, H]
+_WGRAD_BLOCK_BYTES = 8 << 20  # one block of fp32 dW rows [rows, H] computed before it is added to its target
 
 
 class CandidateBackend(Protocol):
@@ -41,8 +50,9 @@ class CandidateBackend(Protocol):
         max m, sum exp(zr - m) s (0 when no local candidate) and target-weighted logit sum(q * zr)."""
 
     def grads(self, dzr: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-              need_dh: bool, need_dw: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """dh [N, H] = sum_j dzr_j W_rows_j and dW [V_local, H] += dzr_j h (fp32; None when not needed)."""
+              need_dh: bool, dw_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """dh [N, H] fp32 = sum_j dzr_j W_rows_j (None unless need_dh); and, when dw_out [V_local, H] (any
+        float dtype) is given, dw_out[rows_j] += dzr_j h in place."""
 
 
 def _local_softmax_stats(zr: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +69,8 @@ class TorchCandidates:
     - SDDMM, zr_tj = h_t . W_j on the candidate pattern: `torch.sparse.sampled_addmm`.
     - SpMM, sums of rows weighted per candidate: `F.embedding_bag` with per-sample weights, for
       dh_t = sum_j dzr_tj W_j (bags = positions over W's rows) and dW_j = sum_t dzr_tj h_t (bags = vocab
-      rows over hidden's rows, in fp32 whatever the dtype).
+      rows over hidden's rows, in fp32 whatever the dtype, one block of vocabulary rows at a time added
+      to its target, so at most _WGRAD_BLOCK_BYTES of dW exist at once).
     Neither forms more than O(N*C) besides its output. sampled_addmm and the dh bag compute in W's dtype
     and run on CPU, so for a non-fp32 W or another device, zr and dh come from fp32 copies of the
     candidate rows gathered `chunk_size` positions at a time (peak extra memory O(chunk_size * C * H)).
@@ -91,21 +102,18 @@ class TorchCandidates:
             zr.masked_fill_(~live, float("-inf"))
         return (zr, *_local_softmax_stats(zr, q))
 
-    def grads(self, dzr, hidden, weight, rows, need_dh, need_dw):
+    def grads(self, dzr, hidden, weight, rows, need_dh, dw_out):
         live = rows >= 0
-        dh = dw = None
+        dh = None
         if need_dh and self._sparse_ok(weight):
             dh = F.embedding_bag(rows[live], weight, _bag_offsets(live), mode="sum", per_sample_weights=dzr[live])
         elif need_dh:
             dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
             for s, e, w in self._gathered_rows(weight, rows):
                 dh[s:e] = torch.bmm(dzr[s:e].unsqueeze(1), w).squeeze(1)  # dzr is 0 where rows < 0
-        if need_dw:
-            vocab_rows, order = rows[live].sort()
-            positions = live.nonzero()[:, 0][order]
-            offsets = torch.searchsorted(vocab_rows, torch.arange(weight.shape[0], device=rows.device))
-            dw = F.embedding_bag(positions, hidden.float(), offsets, mode="sum", per_sample_weights=dzr[live][order])
-        return dh, dw
+        if dw_out is not None:
+            _add_weight_grad(dw_out, dzr, rows, hidden)
+        return dh
 
     def _gathered_rows(self, weight, rows):
         """(start, end, fp32 [c, C, H] candidate rows of W) per chunk; row 0 stands in where rows < 0.
@@ -115,6 +123,23 @@ class TorchCandidates:
             r = rows[s:s + self.chunk_size]
             out = torch.index_select(weight, 0, r.clamp(min=0).reshape(-1), out=buf[:r.numel()])
             yield s, s + r.shape[0], out.view(*r.shape, -1).float()
+
+
+def _add_weight_grad(dw_out: torch.Tensor, dzr: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+    """dw_out[rows_tj] += dzr_tj h_t (rows < 0 skipped), computed in fp32 per block of _WGRAD_BLOCK_BYTES
+    of vocabulary rows (blocks without a candidate are skipped)."""
+    live = rows >= 0
+    vocab_rows, order = rows[live].sort()
+    positions, dz, h = live.nonzero()[:, 0][order], dzr[live][order], hidden.float()
+    v, block = dw_out.shape[0], max(1, _WGRAD_BLOCK_BYTES // (4 * hidden.shape[1]))
+    starts = torch.arange(0, v + block, block, device=rows.device).clamp(max=v)
+    bounds = torch.searchsorted(vocab_rows, starts).tolist()
+    for a, lo, hi in zip(starts.tolist(), bounds, bounds[1:]):
+        if lo < hi:
+            b = min(a + block, v)
+            offsets = torch.searchsorted(vocab_rows[lo:hi], torch.arange(a, b, device=rows.device))
+            dw_out[a:b] += F.embedding_bag(positions[lo:hi], h, offsets, mode="sum",
+                                           per_sample_weights=dz[lo:hi]).to(dw_out.dtype)
 
 
 def _bag_offsets(live: torch.Tensor, closed: bool = False) -> torch.Tensor:
@@ -151,23 +176,29 @@ class _RestrictedCrossEntropy(torch.autograd.Function):
     """loss_t = lse_S(zr) - sum_j q_tj zr_j; backward dzr = softmax_S(zr) - q (SPEC.md section 2)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, q, tp_group, backend: CandidateBackend):
+    def forward(ctx, hidden, weight, rows, q, tp_group, backend: CandidateBackend, main_grad):
         zr, m, s, gold = backend.logits_and_stats(hidden, weight, rows, q)
         lse, gold, nonempty = _global_lse_and_target_logit(m, s, gold, tp_group)
         loss = torch.where(nonempty, lse - gold, 0.0)
         # softmax_S(zr) - q, kept [N, C] (O(N*C), like the candidate ids) so backward needs no logits again
         zr.sub_(lse[:, None]).exp_().sub_(q)
         ctx.save_for_backward(hidden, weight, rows, zr)
-        ctx.backend = backend
+        ctx.backend, ctx.main_grad = backend, main_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, rows, p_minus_q = ctx.saved_tensors
         dzr = p_minus_q * grad_loss.float().unsqueeze(1)
-        dh, dw = ctx.backend.grads(dzr, hidden, weight, rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = ctx.main_grad if ctx.main_grad is not None else \
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dh = ctx.backend.grads(dzr, hidden, weight, rows, ctx.needs_input_grad[0], dw)
+        if ctx.main_grad is not None:
+            dw = None  # already in the DDP grad buffer (module docstring)
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _check_shapes(hidden, weight, candidates, targets, target_probs) -> None:
@@ -225,7 +256,7 @@ def _select_backend(device: torch.device, backend: str, chunk_size: int) -> Cand
 def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
                              targets: torch.Tensor, *, vocab_start: int = 0, tp_group=None,
                              chunk_size: Optional[int] = None, target_probs: Optional[torch.Tensor] = None,
-                             backend: str = "auto") -> torch.Tensor:
+                             backend: str = "auto", fuse_main_grad: bool = True) -> torch.Tensor:
     """Per-position restricted cross entropy [N] (fp32) on the candidate sets (SPEC.md section 2).
 
     hidden [N, H]; weight [V_local, H], rows vocab_start.. of the global vocabulary; candidates [N, C]
@@ -241,8 +272,15 @@ def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candida
     used instead of the one-hot gold: loss = lse - sum_j q_j zr_j (a soft-target CE with the same
     scalar-only traffic; treated as a constant). `restricted_kl_divergence` builds it from teacher logits.
     backend: 'auto', 'torch' or 'triton' (kernels/restricted_ce.py).
+    fuse_main_grad: when weight has megatron DDP's `main_grad`, add dW into it and give weight no autograd
+    gradient (see the module docstring; pass False under DDP's overlap_grad_reduce). Without main_grad
+    the gradient is the usual dense autograd one either way.
     """
     _check_shapes(hidden, weight, candidates, targets, target_probs)
+    main_grad = getattr(weight, "main_grad", None) if fuse_main_grad and weight.requires_grad else None
+    if main_grad is not None and (main_grad.shape != weight.shape or not main_grad.dtype.is_floating_point):
+        raise ValueError(f"restricted_cross_entropy: weight.main_grad {main_grad.dtype} {tuple(main_grad.shape)} "
+                         f"must be a float tensor of the weight's shape {tuple(weight.shape)}")
     # The loss is per row, so sorting each row's candidates changes nothing but gives the CSR order.
     candidates, order = candidates.long().sort(dim=1)
     if target_probs is not None:
@@ -265,7 +303,7 @@ def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candida
     if chunk_size < 1:
         raise ValueError(f"restricted_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     return _RestrictedCrossEntropy.apply(hidden, weight, rows, q.float(), tp_group,
-                                         _select_backend(hidden.device, backend, chunk_size))
+                                         _select_backend(hidden.device, backend, chunk_size), main_grad)
 
 
 def renormalized_teacher(teacher_logits: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,16 +316,32 @@ def renormalized_teacher(teacher_logits: torch.Tensor, candidates: torch.Tensor)
 
 
 def restricted_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
-                             targets: torch.Tensor, teacher_logits: torch.Tensor, *, vocab_start: int = 0,
-                             tp_group=None, chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                             targets: torch.Tensor, teacher_logits: torch.Tensor, **options) -> torch.Tensor:
     """Per-position KL(q_teacher || p_student) [N] on S_t, both renormalised over the candidates.
 
     The optional KL term of SPEC.md section 2: KL = soft-target CE(q) - H(q), so it reuses the op and
-    its two scalar all-reduces. teacher_logits [N, C] are the stored candidate logits (any float dtype);
-    rows with target -1 give 0. Mix with the CE as (1 - a) * CE + a * KL (or in one call of
-    `restricted_cross_entropy` with target_probs = (1 - a) * onehot + a * q, minus a * H(q)).
+    its two scalar all-reduces. teacher_logits [N, C] are the stored candidate logits (any float dtype,
+    anything at padding); rows with target -1 give 0. `options`: the keywords of `restricted_cross_entropy`.
     """
+    return _weighted_ce_and_kl(hidden, weight, candidates, targets, teacher_logits, 0.0, 1.0, options)
+
+
+def restricted_ce_with_kl(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
+                          targets: torch.Tensor, teacher_logits: torch.Tensor, kl_weight: float,
+                          **options) -> torch.Tensor:
+    """Per-position CE + kl_weight * KL(q_teacher || p_student) [N] on S_t, in one call of the op (one
+    MAX and one SUM all-reduce under TP). Arguments as `restricted_kl_divergence`; kl_weight >= 0."""
+    if not kl_weight >= 0:
+        raise ValueError(f"restricted_ce_with_kl: kl_weight must be >= 0, got {kl_weight}")
+    return _weighted_ce_and_kl(hidden, weight, candidates, targets, teacher_logits, 1.0, kl_weight, options)
+
+
+def _weighted_ce_and_kl(hidden, weight, candidates, targets, teacher_logits, ce_weight: float, kl_weight: float,
+                        options: dict) -> torch.Tensor:
+    """a * CE + b * KL = (a + b) * softCE(target (a * onehot + b * q) / (a + b)) - b * H(q), q the teacher."""
     q, log_q = renormalized_teacher(teacher_logits, candidates)
-    soft_ce = restricted_cross_entropy(hidden, weight, candidates, targets, vocab_start=vocab_start,
-                                       tp_group=tp_group, chunk_size=chunk_size, target_probs=q, backend=backend)
-    return torch.where(targets >= 0, soft_ce + (q * log_q).sum(dim=1), 0.0)
+    total = ce_weight + kl_weight
+    onehot = ((candidates == targets[:, None]) & (targets >= 0)[:, None]).float()
+    soft_ce = restricted_cross_entropy(hidden, weight, candidates, targets,
+                                       target_probs=(ce_weight * onehot + kl_weight * q) / total, **options)
+    return torch.where(targets >= 0, total * soft_ce + kl_weight * (q * log_q).sum(dim=1), 0.0)

@@ -45,10 +45,16 @@ class ReplayMicroBatch:
 
 
 class RestrictedCE:
-    """Logits Replay: restricted cross entropy on the stored candidate sets (SPEC.md section 2)."""
+    """Logits Replay: restricted cross entropy on the stored candidate sets (SPEC.md section 2), plus
+    kl_weight * KL against the stored teacher logits when kl_weight > 0 (default 0: the paper)."""
+
+    def __init__(self, kl_weight: float = 0.0):
+        if not kl_weight >= 0:
+            raise ValueError(f"RestrictedCE: kl_weight must be >= 0, got {kl_weight}")
+        self.kl_weight = kl_weight
 
     def forward(self, chunk, micro_batch: ReplayMicroBatch, attention_mask):
-        with set_replay_targets(chunk, micro_batch.targets):
+        with set_replay_targets(chunk, micro_batch.targets, kl_weight=self.kl_weight):
             return chunk(micro_batch.batch.tokens, micro_batch.batch.position_ids, attention_mask)
 
     def loss(self, output, micro_batch: ReplayMicroBatch):

@@ -3,7 +3,9 @@
 The GPTModel's own output layer call is kept (so tied/untied weights, the pipeline's tied copy on the last
 stage and DDP all stay Megatron's); while replay targets are set, the layer computes the per-position
 restricted CE of SPEC.md section 2 at the stored positions and returns it as a dense [s, b, 1] tensor
-(0 elsewhere) in place of [s, b, V/TP] logits. No vocabulary-sized tensor is formed.
+(0 elsewhere) in place of [s, b, V/TP] logits. No vocabulary-sized tensor is formed: the weight gradient
+goes straight into DDP's main_grad buffer (replay_megatron.ops), densely only under overlap_grad_reduce.
+Optionally (SPEC.md section 2, default off) the loss is CE + kl_weight * KL against stored teacher logits.
 """
 from __future__ import annotations
 
@@ -13,31 +15,35 @@ from typing import Callable, Iterator
 
 import torch
 
-from replay_megatron.ops import restricted_cross_entropy
+from replay_megatron.ops import restricted_ce_with_kl, restricted_cross_entropy
 
 
 @dataclass
 class ReplayTargets:
-    """Stored positions of one micro-batch: (batch row, position) pairs, candidates [N, C], gold [N]."""
+    """Stored positions of one micro-batch: (batch row, position) pairs, candidates [N, C], gold [N], and
+    optionally the teacher's logits of the candidates [N, C] fp32 (-inf at padding) for the KL term."""
 
     rows: torch.Tensor
     positions: torch.Tensor
     candidates: torch.Tensor
     targets: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
 
     @property
     def num_positions(self) -> int:
         return int(self.targets.numel())
 
 
-def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable) -> ReplayTargets:
+def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable, *,
+                   with_teacher: bool = False) -> ReplayTargets:
     """Gather the stored records of a micro-batch's samples; `lookup(sample_id)` returns a record with
-    `positions`, `targets` and `candidates` (-1 padded), like `ReplayStore.get`.
+    `positions`, `targets` and `candidates` (-1 padded), like `ReplayStore.get`, and with `with_teacher`
+    also `candidate_logits` (the store's, kept when Stage 0 ran with collect.store_logits).
 
     The stored gold of every position must equal the batch's label there: a store made from other data
     is refused here, naming the sample.
     """
-    rows, positions, candidates, targets = [], [], [], []
+    rows, positions, candidates, targets, teacher = [], [], [], [], []
     for row, sample_id in enumerate(sample_ids.tolist()):
         record = lookup(sample_id)
         pos = torch.as_tensor(record.positions, dtype=torch.long)
@@ -49,21 +55,34 @@ def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Calla
         positions.append(pos)
         candidates.append(torch.as_tensor(record.candidates, dtype=torch.long))
         targets.append(gold)
+        if with_teacher:
+            if getattr(record, "candidate_logits", None) is None:
+                raise ValueError(f"replay store record of sample {sample_id} has no candidate_logits: the KL term "
+                                 "needs a store collected with collect.store_logits")
+            teacher.append(torch.as_tensor(record.candidate_logits, dtype=torch.float32))
     width = max((c.shape[1] for c in candidates), default=1)
-    padded = [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in candidates]
-    return ReplayTargets(torch.cat(rows), torch.cat(positions),
-                         torch.cat(padded) if padded else torch.empty(0, width, dtype=torch.long),
-                         torch.cat(targets))
+    return ReplayTargets(torch.cat(rows), torch.cat(positions), _pad_columns(candidates, width, -1, torch.long),
+                         torch.cat(targets),
+                         _pad_columns(teacher, width, float("-inf"), torch.float32) if with_teacher else None)
+
+
+def _pad_columns(parts: list[torch.Tensor], width: int, value, dtype: torch.dtype) -> torch.Tensor:
+    """Concatenate [n_i, c_i] tensors into [sum n_i, width], padding the columns with `value`."""
+    if not parts:
+        return torch.empty(0, width, dtype=dtype)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
 
 
 def _output_layer(chunk: torch.nn.Module):
-    module = chunk
+    """(the GPTModel's output layer or None off the last stage, whether a DDP wrapper overlaps grad reduce)."""
+    module, overlap = chunk, False
     while not hasattr(module, "output_layer") and hasattr(module, "module"):
+        overlap = overlap or bool(getattr(getattr(module, "ddp_config", None), "overlap_grad_reduce", False))
         module = module.module  # DDP / Float16Module wrappers
-    return getattr(module, "output_layer", None)
+    return getattr(module, "output_layer", None), overlap
 
 
-def _restricted_forward(layer, targets: ReplayTargets) -> Callable:
+def _restricted_forward(layer, targets: ReplayTargets, kl_weight: float, fuse_main_grad: bool) -> Callable:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
@@ -74,28 +93,37 @@ def _restricted_forward(layer, targets: ReplayTargets) -> Callable:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         # identity forward, all-reduce of dh over TP backward: what ColumnParallelLinear does to its input
         hidden = copy_to_tensor_model_parallel_region(hidden) if tp > 1 else hidden
-        t = targets
-        h = hidden[t.positions.to(hidden.device), t.rows.to(hidden.device)]  # [N, H]
-        loss = restricted_cross_entropy(
-            h, weight, t.candidates.to(hidden.device), t.targets.to(hidden.device),
-            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
-            tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None)
+        t, device = targets, hidden.device
+        h = hidden[t.positions.to(device), t.rows.to(device)]  # [N, H]
+        args = (h, weight, t.candidates.to(device), t.targets.to(device))
+        options = dict(vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
+                       tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
+                       fuse_main_grad=fuse_main_grad)
+        if kl_weight > 0:
+            loss = restricted_ce_with_kl(*args, t.teacher_logits.to(device), kl_weight, **options)
+        else:
+            loss = restricted_cross_entropy(*args, **options)
         dense = hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-        dense = dense.index_put((t.positions.to(hidden.device), t.rows.to(hidden.device),
-                                 torch.zeros_like(t.rows, device=hidden.device)), loss)
+        dense = dense.index_put((t.positions.to(device), t.rows.to(device),
+                                 torch.zeros_like(t.rows, device=device)), loss)
         return dense, None
 
     return forward
 
 
 @contextlib.contextmanager
-def set_replay_targets(chunk: torch.nn.Module, targets: ReplayTargets) -> Iterator[None]:
-    """Within the block, the chunk's output layer (last stage only) computes the restricted CE."""
-    layer = _output_layer(chunk)
+def set_replay_targets(chunk: torch.nn.Module, targets: ReplayTargets, *, kl_weight: float = 0.0) -> Iterator[None]:
+    """Within the block, the chunk's output layer (last stage only) computes the restricted CE (plus
+    kl_weight * KL when kl_weight > 0, which needs `targets.teacher_logits`)."""
+    if kl_weight > 0 and targets.teacher_logits is None:
+        raise ValueError("kl_weight > 0 needs the teacher's candidate logits: build the targets with "
+                         "replay_targets(..., with_teacher=True) from a store collected with collect.store_logits")
+    layer, overlap_grad_reduce = _output_layer(chunk)
     if layer is None:  # not the last pipeline stage
         yield
         return
-    layer.forward = _restricted_forward(layer, targets)
+    # DDP's overlap_grad_reduce hook needs a param.grad to mark the bucket ready: dense gradient there
+    layer.forward = _restricted_forward(layer, targets, kl_weight, fuse_main_grad=not overlap_grad_reduce)
     try:
         yield
     finally:
