@@ -59,7 +59,8 @@ def train_one_step(hf, hf_sd, micro_batches, tp, pp, check_against=None, replay=
     from replay_megatron.models.conversion import load_hf_into_model, model_to_hf
     from replay_megatron.models.qwen3 import build_model
     from replay_megatron.platform.distributed import initialize, shutdown
-    from replay_megatron.training.setup import build_adamw, build_ddp_model
+    from replay_megatron.optim.megatron import build_optimizer
+    from replay_megatron.training.setup import build_ddp_model
     from replay_megatron.training.step import train_step
 
     layout = initialize(device="cpu", tp=tp, pp=pp, num_layers=hf["num_hidden_layers"])
@@ -68,7 +69,7 @@ def train_one_step(hf, hf_sd, micro_batches, tp, pp, check_against=None, replay=
     model.broadcast_params()
     # eps well above gradient round-off: Adam's first step is ~lr*sign(g), which would turn fp32
     # reduction-order noise in near-zero gradients into O(lr) parameter differences.
-    optimizer = build_adamw(model, lr=1e-2, weight_decay=0.1, clip_grad=1.0, eps=1e-3)
+    optimizer = build_optimizer("adamw", [model], lr=1e-2, weight_decay=0.1, clip_grad=1.0, eps=1e-3)
     from replay_megatron.training.objectives import FullVocabCE, RestrictedCE
 
     if replay:

@@ -19,14 +19,15 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     from replay_megatron.platform.distributed import initialize, shutdown
     from replay_megatron.training.objectives import FullVocabCE, ReplayMicroBatch, RestrictedCE
     from replay_megatron.training.replay_head import replay_targets
-    from replay_megatron.training.setup import build_adamw, build_ddp_model
+    from replay_megatron.optim.megatron import build_optimizer
+    from replay_megatron.training.setup import build_ddp_model
     from replay_megatron.training.step import train_step
 
     hf = preset("qwen3-4b", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=64, intermediate_size=3 * args.hidden)
     layout = initialize(device=args.device, tp=1, pp=1, num_layers=args.layers)
     model = build_ddp_model(hf, layout)
-    optimizer = build_adamw(model, lr=1e-5)
+    optimizer = build_optimizer("adamw", [model], lr=1e-5)
     g = torch.Generator().manual_seed(0)
     V = hf["vocab_size"]
     samples = [{"sample_id": i, "tokens": torch.randint(0, V, (args.seq + 1,), generator=g).numpy(),

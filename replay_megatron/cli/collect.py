@@ -12,10 +12,8 @@ command after a crash resumes from the committed samples. Exit codes: 0 done, 2 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from replay_megatron.cli._config_args import add_config_arguments, config_path_and_overrides
+from replay_megatron.cli._config_args import add_config_arguments, run_config_job
 
 HELP = "Stage 0: dynamic Top-K collection into a replay store (forward only, any TP/PP/DP)"
 
@@ -28,25 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, collect, print the store summary on rank 0."""
-    from replay_megatron.config import ConfigError, load_config
     from replay_megatron.replay.collect import collect, format_summary
-    from replay_megatron.replay.store import ReplayStoreError
 
-    path, overrides = config_path_and_overrides(args)
-    if path is None:
-        print("replay-megatron collect: error: give the config as --config FILE", file=sys.stderr)
-        return 2
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_config(path, overrides, world_size=world_size)
-        summary = collect(cfg, world_size=world_size, progress=False if args.no_progress else None)
-    except (ConfigError, ReplayStoreError, ValueError, FileNotFoundError) as e:
-        print(f"replay-megatron collect: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from replay_megatron.platform.distributed import shutdown
-
-        shutdown()
+    progress = False if args.no_progress else None
+    cfg, summary = run_config_job(args, "collect",
+                                  lambda cfg, world: collect(cfg, world_size=world, progress=progress))
     if summary is not None:
         print(format_summary(summary, cfg.input_path(cfg.collect.store_dir)))
     return 0

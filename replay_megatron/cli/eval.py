@@ -9,10 +9,8 @@ process. Exit codes: 0 done, 2 refused input (the message names the missing path
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from replay_megatron.cli._config_args import add_config_arguments, config_path_and_overrides
+from replay_megatron.cli._config_args import add_config_arguments, run_config_job
 
 HELP = "held-out perplexity change, relative L2 to the base and the domain metric of a trained run"
 
@@ -25,23 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, evaluate, print the table on rank 0."""
-    from replay_megatron.config import ConfigError, load_config
     from replay_megatron.evaluation.run import evaluate_run, format_table
-    from replay_megatron.platform.distributed import shutdown
 
-    path, overrides = config_path_and_overrides(args)
-    if path is None:
-        print("replay-megatron eval: error: give the config as --config FILE", file=sys.stderr)
-        return 2
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_config(path, overrides, world_size=world_size)
-        result = evaluate_run(cfg, args.run_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"replay-megatron eval: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
+    _, result = run_config_job(args, "eval", lambda cfg, world: evaluate_run(cfg, args.run_dir))
     if result is not None:
         print(format_table(result))
     return 0

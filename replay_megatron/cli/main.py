@@ -38,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if is_msrun_scheduler():  # msrun's scheduler process has no work in a PyTorch job
         return 0
+    from replay_megatron.cli._config_args import Refused
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Refused as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ too many non-finite steps.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from replay_megatron.cli._config_args import add_config_arguments, config_path_and_overrides
+from replay_megatron.cli._config_args import add_config_arguments, run_config_job
 
 HELP = "Stage 1 replay training or full-vocabulary SFT (resumable; metrics, checkpoints, HF export)"
 
@@ -29,28 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, export to HF on rank 0, print the summary."""
-    from replay_megatron.config import ConfigError, load_config
-    from replay_megatron.platform.distributed import shutdown
-    from replay_megatron.replay.store import ReplayStoreError
     from replay_megatron.training.faults import TrainingAborted
     from replay_megatron.training.run import train
 
-    path, overrides = config_path_and_overrides(args)
-    if path is None:
-        print("replay-megatron train: error: give the config as --config FILE", file=sys.stderr)
-        return 2
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    progress = False if args.no_progress else None
     try:
-        cfg = load_config(path, overrides, world_size=world_size)
-        summary = train(cfg, world_size=world_size, progress=False if args.no_progress else None)
-    except (ConfigError, ReplayStoreError, ValueError, FileNotFoundError) as e:
-        print(f"replay-megatron train: error: {e}", file=sys.stderr)
-        return 2
+        cfg, summary = run_config_job(args, "train",
+                                      lambda cfg, world: train(cfg, world_size=world, progress=progress))
     except TrainingAborted as e:
         print(f"replay-megatron train: aborted: {e}", file=sys.stderr)
         return 3
-    finally:
-        shutdown()
     if summary is None:  # not rank 0
         return 0
     if summary["status"] == "completed" and cfg.train.export_hf:

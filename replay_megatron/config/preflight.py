@@ -7,7 +7,6 @@ computes (replay_megatron.replay.fingerprint) and passes in, so this module stay
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from replay_megatron.config.errors import ConfigError, Problem

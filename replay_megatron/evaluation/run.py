@@ -55,12 +55,10 @@ def load_weights(model: torch.nn.Module, path: Path, hf: Mapping[str, Any], layo
 
 def _model_stage(cfg, hf: Mapping[str, Any], layout, weights: Path) -> torch.nn.Module:
     """This rank's stage of the model with `weights`, in eval mode."""
-    from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.qwen3 import build_stage
 
-    config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=cfg.model.params_dtype)
-    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+    model = build_stage(hf, layout, params_dtype=cfg.model.params_dtype,
                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
-    model.to(layout.device.torch_device)
     load_weights(model, weights, hf, layout)
     return model.eval()
 

@@ -113,6 +113,16 @@ def build_model(hf: Mapping[str, Any], config, *, pre_process: bool, post_proces
     )
 
 
+def build_stage(hf: Mapping[str, Any], layout, *, params_dtype: str = "fp32", vocab_divisible_by: int = 1,
+                **config_overrides: Any) -> torch.nn.Module:
+    """This rank's pipeline stage of the Qwen3 (TP/PP and stage position from `layout`, a
+    `platform.distributed.ParallelLayout`) on its device, with random initial weights."""
+    config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=params_dtype, **config_overrides)
+    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+                        vocab_divisible_by=vocab_divisible_by)
+    return model.to(layout.device.torch_device)
+
+
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Megatron's boolean attention mask ([1, 1, s, s], True = masked) for causal LM."""
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]

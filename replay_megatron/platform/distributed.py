@@ -80,7 +80,7 @@ def initialize(*, device: str = "auto", tp: int = 1, pp: int = 1, seed: int = 12
     """Initialise this process for a TP x PP x DP job launched by torchrun, msrun or as one process."""
     mcore_compat.check_version()
     env: LaunchEnv = read_launch_env(environ)
-    dp = check_parallel_sizes(env.world_size, tp, pp, num_layers)
+    check_parallel_sizes(env.world_size, tp, pp, num_layers)
     dev = resolve_device(device, env.local_rank)
     activate(dev)
     if not dist.is_initialized():

@@ -218,13 +218,11 @@ def preflight(cfg, world_size: int) -> dict[str, Any]:
 
 def build_base_model(cfg, hf: Mapping[str, Any], layout) -> torch.nn.Module:
     """This rank's stage of the base model in eval mode, weights from the configured source."""
-    from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.qwen3 import build_stage
     from replay_megatron.models.sources import load_configured_weights
 
-    config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=cfg.model.params_dtype)
-    model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+    model = build_stage(hf, layout, params_dtype=cfg.model.params_dtype,
                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
-    model.to(layout.device.torch_device)
     load_configured_weights(cfg, model, hf, layout)
     return model.eval()
 
