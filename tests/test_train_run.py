@@ -115,13 +115,15 @@ def train_job(config_path: str, runs: list[tuple[list[str], dict]]) -> list[dict
 
 
 def _collect_job(config_path: str) -> None:
+    """The run's store, and one with teacher logits (fp32) for the KL term."""
     from replay_megatron.platform.distributed import shutdown
     from replay_megatron.replay.collect import collect
 
-    try:
-        collect(load_config(config_path), world_size=1, progress=False)
-    finally:
-        shutdown()
+    for overrides in ([], ["collect.store_dir=store_kl", "collect.store_logits=fp32"]):
+        try:
+            collect(load_config(config_path, overrides), world_size=1, progress=False)
+        finally:
+            shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,8 @@ def single_rank_runs(config_path) -> dict[str, dict]:
         "nan": (["run.name=nan", *eval_off], {"nan_steps": [2]}),
         "abort": (["run.name=abort", *eval_off, "train.max_consecutive_nonfinite=2"], {"nan_steps": [2, 3, 4]}),
         "layout_tp1": (["run.name=layout", *eval_off], {"stop_after_steps": 4}),
+        "kl": (["run.name=kl", *eval_off, "collect.store_dir=store_kl", "collect.store_logits=fp32",
+                "train.kl_weight=0.5", "train.train_iters=2"], {}),
     }
     [results] = run_local(train_job, 1, config_path, list(runs.values()))
     return dict(zip(runs, results))
@@ -191,6 +195,16 @@ def test_too_many_nonfinite_steps_abort_after_saving(single_rank_runs):
     assert "iter_0000003" in abort["checkpoints"]
 
 
+@pytest.mark.multiproc
+def test_the_kl_term_vanishes_while_the_student_is_the_teacher(single_rank_runs):
+    """Step 1 runs the Stage 0 weights: KL(teacher || student) = 0 and its gradient too, so steps 1 and 2
+    see the same weights as the CE-only run; at step 2 the loss is CE + 0.5 * KL > CE."""
+    kl, ref = single_rank_runs["kl"]["metrics"], single_rank_runs["uninterrupted"]["metrics"]
+    assert kl[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)
+    assert kl[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-5)
+    assert 0 < kl[1]["loss"] - ref[1]["loss"] < 0.1 * ref[1]["loss"]
+
+
 def resume_at_tp2_job(config_path: str) -> list[dict]:
     return train_job(config_path, [(["run.name=layout", "data.eval=null",
                                      "parallel.tensor_model_parallel_size=2"], {})])
@@ -220,6 +234,8 @@ def test_refusals_name_the_field(config_path, tmp_path):
     write_token_store(other, 16, seed=5)  # same size, other tokens: another dataset fingerprint
     with pytest.raises(Exception, match="dataset"):
         preflight(load_config(config_path, [f"data.train={other}"]), 1)
+    with pytest.raises(ConfigError, match="train.kl_weight.*stores none"):
+        preflight(load_config(config_path, ["train.kl_weight=0.5"]), 1)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         preflight(load_config(config_path, ["train.train_iters=null", "train.epochs=1",
                                             "train.global_batch_size=32"]), 1)

@@ -106,6 +106,10 @@ def _open_replay_store(cfg, dataset):
     store = ReplayStore.open(cfg.input_path(cfg.train.replay_store),
                              expect={"model": model_fingerprint(cfg), "tokenizer": dataset.tokenizer_fingerprint,
                                      "dataset": dataset.fingerprint})
+    if cfg.train.kl_weight > 0 and store.logits_dtype is None:
+        raise ConfigError.of([Problem("train.kl_weight", f"the KL term needs teacher logits, but {store.directory} "
+                                      "stores none (collect with collect.store_logits=fp16|bf16|fp32)",
+                                      cfg.train.kl_weight)])
     missing = np.setdiff1d(np.arange(len(dataset)), store.sample_ids())
     if missing.size:
         raise ConfigError.of([Problem("train.replay_store", f"{store.directory} has no records for {missing.size} "
@@ -257,7 +261,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     elif source is None:
         save_initial_weights(run_dir, model, hf)
 
-    objective = RestrictedCE() if t.loss == "replay" else FullVocabCE()
+    objective = RestrictedCE(kl_weight=t.kl_weight) if t.loss == "replay" else FullVocabCE()
     dataset = inputs.dataset
     pad_id = int(dataset.meta["tokenizer"].get("pad_id") or 0)
     samples = train_micro_batches(len(dataset), t.micro_batch_size, layout.dp, layout.dp_rank, cfg.run.seed,
@@ -276,7 +280,8 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
             batches = [make_batch([dataset[i] for i in next(samples)], cfg.data.seq_length, pad_id).to(device)
                        for _ in range(n_micro)]
             if t.loss == "replay":
-                batches = [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, inputs.store.get)
+                batches = [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, inputs.store.get,
+                                                              with_teacher=t.kl_weight > 0)
                                             if layout.is_last_stage else None) for b in batches]
             result = train_step(model, optimizer, batches, objective)
             if not result["skipped"]:
