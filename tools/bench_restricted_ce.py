@@ -1,28 +1,40 @@
 """Benchmark: restricted cross entropy vs full-vocabulary cross entropy, forward + backward (issue 4).
 
 Default shape: the Qwen3-4B output layer (H=2560, V=151936), N=4096 positions, |S|=101 candidates per
-position (distinct random ids, gold among them), fp32. Variants, all on the same seeded inputs:
+position (distinct random ids, gold among them), fp32. As under megatron-core DDP, the weight carries a
+preallocated fp32 `main_grad` [V, H] (DDP's view of its grad buffer) and every variant ends with its weight
+gradient accumulated there and `weight.grad` None. Variants, all on the same seeded inputs:
 
-  op          replay_megatron.ops.restricted_cross_entropy (backend auto: the PyTorch path on CPU)
-  kernel      the same op on the Triton kernel (only with --device cuda/npu and triton importable)
-  gather      plain PyTorch reference: weight[candidates] -> bmm -> log_softmax -> gold, autograd
-  full_vocab  hidden @ weight.T, then megatron-core's vocab_parallel_cross_entropy at TP=1 (a
-              1-process gloo group and parallel_state.initialize_model_parallel(1, 1); works on CPU)
+  op               replay_megatron.ops.restricted_cross_entropy (backend auto: the PyTorch path on CPU), in
+                   its main_grad mode: dW rows are added into main_grad block by block, no dense dW
+  kernel           the same op on the Triton kernel, dW added atomically into main_grad (only with --device
+                   cuda/npu and triton importable)
+  gather           plain PyTorch reference: weight[candidates] -> bmm -> log_softmax -> gold, autograd; its
+                   dense weight.grad is then added into main_grad (what DDP's backward hook does)
+  full_vocab       hidden @ weight.T, then megatron-core's vocab_parallel_cross_entropy at TP=1 (a 1-process
+                   gloo group and parallel_state.initialize_model_parallel(1, 1); works on CPU); dense
+                   weight.grad added into main_grad as DDP's hook does (megatron's default output layer)
+  full_vocab_fused the same, but the output matmul's backward adds dW straight into main_grad with one addmm_
+                   (megatron's gradient_accumulation_fusion, whose fused kernel is CUDA-only, written out in
+                   torch here): the full-vocabulary baseline without a dense dW
 
 Each variant runs in its own fresh subprocess, so only one variant's tensors are in memory at a time and
 no allocator state leaks between them. In it: one profiled run (also the warm-up), then --repeats timed
 runs (the fastest is reported; wall clock, and on CPU also process CPU seconds, which a machine shared
 with other jobs distorts less).
 
-Peak memory, the tensors a step allocates on top of its inputs (hidden, weight, candidates, targets):
+Peak memory is counted ABOVE the common baseline: hidden, weight, its fp32 main_grad, candidates and
+targets exist before the measured step in every variant and are counted in none (the line "baseline"
+prints their size). So the main_grad buffer is in neither figure; a dense dW is, where a variant makes one.
 - CPU: torch.profiler with profile_memory=True reports every allocation of torch's CPU allocator with its
   running "Total Allocated", counted from the start of profiling; the peak of that counter is the step's
   peak. (RSS would also count the allocator's caching and the interpreter; tracemalloc sees no torch
   memory.) Memory that libraries allocate behind torch's back (MKL scratch) is not seen.
 - CUDA/NPU: max_memory_allocated() - memory_allocated() before the step, after reset_peak_memory_stats().
-"transient" is the peak minus what is still allocated when the step ends: the gradients (dW is [V, H],
-the same in every variant, and a training step keeps it in the gradient buffer anyway) and the loss.
-So "transient" is the working memory of the loss itself (logits, softmax, gathered rows).
+"transient" is the peak minus what is still allocated when the step ends (hidden.grad [N, H] and the
+loss), i.e. the working memory of the loss itself (logits, softmax, gathered rows, dense dW). The op's
+peak is mostly hidden.grad (fp32 [N, H], 40 MiB at the default shape), which every variant produces; its
+transient is one block of dW rows (8 MiB) and O(N * |S|) ids, softmax and sort buffers.
 
 Usage: python tools/bench_restricted_ce.py [--quick] [--device cpu|cuda|npu] [--n N --h H --v V --k K]
 """
@@ -36,13 +48,14 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("op", "kernel", "gather", "full_vocab")
+VARIANTS = ("op", "kernel", "gather", "full_vocab", "full_vocab_fused")
 FULL = dict(n=4096, h=2560, v=151936, k=101)
 QUICK = dict(n=256, h=256, v=8192, k=33)
 
 
 def _inputs(args, torch):
-    """Seeded hidden [N,H], weight [V,H], candidates [N,K] (distinct ids), targets [N] (gold among them)."""
+    """Seeded hidden [N,H], weight [V,H] with a zero fp32 main_grad, candidates [N,K] (distinct ids),
+    targets [N] (gold among them)."""
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, args.dtype)
     hidden = torch.randn(args.n, args.h, generator=g) / args.h ** 0.5
@@ -51,8 +64,27 @@ def _inputs(args, torch):
     candidates = torch.cat(rows)
     targets = candidates.gather(1, torch.randint(0, args.k, (args.n, 1), generator=g)).squeeze(1)
     device = torch.device(args.device)
-    return (hidden.to(device, dtype).requires_grad_(), weight.to(device, dtype).requires_grad_(),
-            candidates.to(device), targets.to(device))
+    weight = weight.to(device, dtype).requires_grad_()
+    weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    return hidden.to(device, dtype).requires_grad_(), weight, candidates.to(device), targets.to(device)
+
+
+def _fused_wgrad_matmul(torch):
+    """h @ W.T whose backward adds dW into W.main_grad (megatron's gradient_accumulation_fusion)."""
+
+    class FusedWgradMatmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w):
+            ctx.save_for_backward(h, w)
+            return h @ w.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, w = ctx.saved_tensors
+            w.main_grad.addmm_(grad.t().float(), h.float())
+            return grad @ w, None
+
+    return FusedWgradMatmul.apply
 
 
 def _step_fn(variant: str, torch):
@@ -67,7 +99,7 @@ def _step_fn(variant: str, torch):
             z = torch.bmm(w[c].float(), h.float().unsqueeze(-1)).squeeze(-1)  # [N, K, H] gathered at once
             return -torch.log_softmax(z, dim=-1).gather(1, (c == t[:, None]).float().argmax(1, keepdim=True)).squeeze(1)
         return gather
-    if variant == "full_vocab":
+    if variant in ("full_vocab", "full_vocab_fused"):
         import torch.distributed as dist
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -75,8 +107,9 @@ def _step_fn(variant: str, torch):
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         parallel_state.initialize_model_parallel(1, 1)
+        matmul = _fused_wgrad_matmul(torch) if variant == "full_vocab_fused" else lambda h, w: h @ w.t()
         # [s, b, V] layout as in megatron's GPT loss; the matmul is part of what full-vocab SFT pays
-        return lambda h, w, c, t: vocab_parallel_cross_entropy((h @ w.t()).float().unsqueeze(1), t.unsqueeze(1))
+        return lambda h, w, c, t: vocab_parallel_cross_entropy(matmul(h, w).float().unsqueeze(1), t.unsqueeze(1))
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
@@ -131,6 +164,9 @@ def worker(args) -> dict:
         hidden.grad = weight.grad = None
         loss = loss_fn(hidden, weight, candidates, targets)
         loss.mean().backward()
+        if weight.grad is not None:  # DDP's backward hook: main_grad += param.grad; param.grad = None
+            weight.main_grad.add_(weight.grad)
+            weight.grad = None
         kept["loss"] = float(loss.mean())
 
     hidden.grad = weight.grad = None
@@ -144,8 +180,9 @@ def worker(args) -> dict:
         dev.sync()
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
+    baseline = sum(t.numel() * t.element_size() for t in (hidden, weight, weight.main_grad, candidates, targets))
     return dict(variant=args.worker, wall_s=min(walls), cpu_s=min(cpus), peak_mib=peak / 2**20,
-                transient_mib=(peak - end) / 2**20, loss=kept["loss"])
+                transient_mib=(peak - end) / 2**20, loss=kept["loss"], baseline_mib=baseline / 2**20)
 
 
 def _available(variant: str, device: str) -> str | None:
@@ -199,24 +236,30 @@ def main(argv=None) -> None:
             continue
         results[variant] = json.loads(line[len("RESULT "):])
         r = results[variant]
-        print(f"  {variant}: {r['wall_s']:.2f} s wall, peak {r['peak_mib']:.0f} MiB, loss {r['loss']:.6f}", flush=True)
+        print(f"  {variant}: {r['wall_s']:.2f} s wall, peak {r['peak_mib']:.0f} MiB above a baseline of "
+              f"{r['baseline_mib']:.0f} MiB, loss {r['loss']:.6f}", flush=True)
     _print_table(results)
 
 
 def _print_table(results: dict) -> None:
-    base = results.get("full_vocab")
-    head = (f"{'variant':<11}{'wall s':>10}{'cpu s':>10}{'peak MiB':>12}{'transient MiB':>15}"
-            f"{'x faster':>10}{'x less peak':>13}{'x less transient':>18}")
+    head = f"{'variant':<17}{'wall s':>10}{'cpu s':>10}{'peak MiB':>12}{'transient MiB':>15}"
     print("\n" + head + "\n" + "-" * len(head))
     for name, r in results.items():
-        ratios = ("", "", "")
-        if base:
-            ratios = (f"{base['wall_s'] / r['wall_s']:.1f}", f"{base['peak_mib'] / max(r['peak_mib'], 1e-9):.1f}",
-                      f"{base['transient_mib'] / max(r['transient_mib'], 1e-9):.1f}")
-        print(f"{name:<11}{r['wall_s']:>10.2f}{r['cpu_s']:>10.2f}{r['peak_mib']:>12.1f}{r['transient_mib']:>15.1f}"
-              f"{ratios[0]:>10}{ratios[1]:>13}{ratios[2]:>18}")
-    if base:
-        print("ratios are full_vocab / variant (wall time; memory as explained in the module docstring)")
+        print(f"{name:<17}{r['wall_s']:>10.2f}{r['cpu_s']:>10.2f}{r['peak_mib']:>12.1f}{r['transient_mib']:>15.1f}")
+    for base_name in ("full_vocab", "full_vocab_fused"):
+        base = results.get(base_name)
+        if base is None:
+            continue
+        head = (f"{'ratios ' + base_name + ' / variant':<40}{'x faster':>10}{'x less cpu s':>14}{'x less peak':>13}"
+                f"{'x less transient':>18}")
+        print("\n" + head + "\n" + "-" * len(head))
+        for name, r in results.items():
+            if name != base_name:
+                print(f"{name:<40}{base['wall_s'] / r['wall_s']:>10.1f}{base['cpu_s'] / max(r['cpu_s'], 1e-9):>14.1f}"
+                      f"{base['peak_mib'] / max(r['peak_mib'], 1e-9):>13.1f}"
+                      f"{base['transient_mib'] / max(r['transient_mib'], 1e-9):>18.1f}")
+    print("peak and transient are above the common baseline (module docstring); 'x faster' is by the fastest wall "
+          "clock, 'x less cpu s' by process CPU seconds")
 
 
 if __name__ == "__main__":
