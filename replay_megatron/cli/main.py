@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if is_msrun_scheduler():  # msrun's scheduler process has no work in a PyTorch job
         return 0
     from replay_megatron.cli._config_args import Refused
+    from replay_megatron.platform.dependency_warnings import silence_dependency_warnings
 
+    silence_dependency_warnings()
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -23,7 +23,8 @@ from replay_megatron.config.schema import ReplayConfig
 
 RESOLVED_NAME = "resolved.yaml"
 FINGERPRINT_EXCLUDES = ("description", "run.out_dir", "train.log_interval", "train.save_interval",
-                        "train.eval_interval", "eval", "logging", "parallel", "platform")
+                        "train.eval_interval", "train.export_hf", "train.max_consecutive_nonfinite", "eval",
+                        "logging", "parallel", "platform")
 
 
 def config_fingerprint(cfg: ReplayConfig) -> str:

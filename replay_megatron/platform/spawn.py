@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from replay_megatron.platform.dependency_warnings import pythonwarnings_for_children
+
 
 class RankFailed(RuntimeError):
     """A spawned rank raised; the message holds its rank and traceback."""
@@ -77,7 +79,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue), daemon=False)
              for r in range(world_size)]
-    with _environment({"OMP_NUM_THREADS": "1", **(env or {})}):  # spawned children inherit os.environ
+    # spawned children inherit os.environ
+    with _environment({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": pythonwarnings_for_children(), **(env or {})}):
         for p in procs:
             p.start()
     results: dict[int, Any] = {}
