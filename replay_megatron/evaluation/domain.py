@@ -80,7 +80,10 @@ def domain_accuracy(hf_dir: str | os.PathLike, tokenizer_path: str | os.PathLike
         raise FileNotFoundError(f"{db_dir}: the SQLite databases of {data} are missing")
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
+    from replay_megatron.platform.cpu_adapter import factories_restored
+
+    with factories_restored():  # eval runs with megatron's CPU adapter active
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
     answers = greedy_generate(model, [tokenizer.encode_prompt(e["prompt"]) for e in examples],
                               max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               batch_size=batch_size)

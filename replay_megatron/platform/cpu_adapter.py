@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 _ACTIVE = False
+_ORIGINAL_FACTORIES: dict[str, Callable] = {}
 
 FACTORY_FUNCTIONS = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
                      "randint", "zeros_like", "ones_like", "empty_like", "full_like", "eye", "linspace")
@@ -123,7 +124,8 @@ def activate() -> None:
         return
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     for name in FACTORY_FUNCTIONS:
-        setattr(torch, name, _redirect_device(getattr(torch, name)))
+        _ORIGINAL_FACTORIES[name] = getattr(torch, name)
+        setattr(torch, name, _redirect_device(_ORIGINAL_FACTORIES[name]))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
     torch.Tensor.type = _tensor_type(torch.Tensor.type)  # type: ignore[assignment]
     torch.cuda.synchronize = _noop  # type: ignore[assignment]
@@ -132,6 +134,20 @@ def activate() -> None:
     torch.cuda.nvtx.range_pop = _noop  # type: ignore[assignment]
     install_cpu_rng_tracker()
     _ACTIVE = True
+
+
+@contextlib.contextmanager
+def factories_restored():
+    """torch's own factory functions for the duration (patch 3 undone): for Hugging Face `from_pretrained`,
+    which, loaded first under the wrappers, gives a model whose `generate` output is garbage (same weights)."""
+    wrapped = {name: getattr(torch, name) for name in _ORIGINAL_FACTORIES}
+    for name, fn in _ORIGINAL_FACTORIES.items():
+        setattr(torch, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in wrapped.items():
+            setattr(torch, name, fn)
 
 
 def is_active() -> bool:
