@@ -21,9 +21,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 # --- the runner (one cheap subcommand, `plan`, stands in for the heavy ones) ------------------------------
 
-def _plan_step(out: Path, config_content: str = "a", after: tuple[str, ...] = ()) -> Step:
-    marker = out / "made_by_step"
-    return Step("plan", ("plan", str(CONFIGS / "pretrain.yaml"), "--world-size", "2"), outputs=(marker,),
+def _plan_step(out: Path, config_content: str = "a", after: tuple[str, ...] = (), name: str = "plan") -> Step:
+    marker = out / f"made_by_{name}"
+    return Step(name, ("plan", str(CONFIGS / "pretrain.yaml"), "--world-size", "2"), outputs=(marker,),
                 complete=marker.is_file, after=after, config_content=config_content)
 
 
@@ -37,14 +37,34 @@ def test_runner_reuses_a_finished_step_and_reruns_when_its_key_changes(tmp_path)
     step = _plan_step(tmp_path)
     with pytest.raises(DemoError, match="outputs are incomplete"):
         _run(tmp_path, step)  # `plan` does not write the marker
-    (tmp_path / "made_by_step").write_text("x")
+    (tmp_path / "made_by_plan").write_text("x")
     first = _run(tmp_path, step)  # same key, not finished: run again over the outputs (resume)
-    assert "verdict: OK" in first and "done in" in first and (tmp_path / "made_by_step").is_file()
+    assert "verdict: OK" in first and "done in" in first and (tmp_path / "made_by_plan").is_file()
     assert json.loads((tmp_path / LEDGER).read_text())["plan"]["done"] is True
     assert "reused" in _run(tmp_path, step)
     with pytest.raises(DemoError, match="outputs are incomplete"):  # new config: outputs removed, then run
         _run(tmp_path, _plan_step(tmp_path, config_content="b"))
-    assert not (tmp_path / "made_by_step").exists()
+    assert not (tmp_path / "made_by_plan").exists()
+
+
+def _finish(out: Path, step: Step) -> str:
+    """Run `step` to completion: `plan` writes nothing, so the marker is made after its first (fresh) run."""
+    try:
+        return _run(out, step)
+    except DemoError:
+        (out / f"made_by_{step.name}").write_text("x")
+        return _run(out, step)
+
+
+def test_runner_reruns_the_steps_after_a_rerun_step(tmp_path):
+    up, down = _plan_step(tmp_path), _plan_step(tmp_path, after=("plan",), name="after")
+    _finish(tmp_path, up)
+    _finish(tmp_path, down)
+    assert "reused" in _run(tmp_path, down)
+    (tmp_path / "made_by_plan").unlink()  # the upstream step's outputs are lost: it runs again ...
+    assert "done in" in _finish(tmp_path, up)
+    assert "done in" in _finish(tmp_path, down)  # ... and so does the step after it
+    assert "reused" in _run(tmp_path, down)
 
 
 def test_runner_names_the_failed_step_and_its_log(tmp_path):
@@ -66,8 +86,8 @@ def test_demo_steps_chain_every_stage_through_the_cli():
     out = Path("/tmp/demo-steps")
     steps = demo_steps(out, quick=True)
     commands = [s.command[0] for s in steps]
-    assert commands == ["make-demo-data", "preprocess", "preprocess", "train", "preprocess", "train", "collect",
-                        "train", "eval", "eval", "report"]
+    assert commands == ["make-demo-data", "make-demo-data", "preprocess", "preprocess", "train", "preprocess", "train",
+                        "collect", "train", "eval", "eval", "report"]
     by_name = {s.name: s for s in steps}
     assert "collect-domain_topk" in by_name["train-topk_moclip"].after
     assert "collect-domain_topk" not in by_name["train-sft_adamw"].after
@@ -100,6 +120,7 @@ REPLAY_ONLY = ("stage0_time_s", "storage_bytes_per_position", "storage_fraction_
 
 
 @pytest.mark.multiproc
+@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_report_is_complete_and_finite(quick_demo):
     out, stdout = quick_demo
     report = json.loads((out / "report" / "report.json").read_text())
@@ -119,6 +140,7 @@ def test_quick_demo_report_is_complete_and_finite(quick_demo):
 
 
 @pytest.mark.multiproc
+@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_numbers_are_the_runs_own(quick_demo):
     """Each number in the report is the one its run wrote (not a constant): losses and step times from
     metrics.jsonl, forgetting and accuracy from eval.json, Stage 0 from the store's own record."""
@@ -142,6 +164,7 @@ def test_quick_demo_numbers_are_the_runs_own(quick_demo):
 
 
 @pytest.mark.multiproc
+@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_second_invocation_reuses_every_step(quick_demo):
     out, _ = quick_demo
     before = (out / "report" / "report.json").read_text()

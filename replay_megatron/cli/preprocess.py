@@ -8,7 +8,9 @@ HELP = "tokenize JSONL instruction data (or plain text) into a token store with 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="JSONL file ({prompt, response[, id]} per line) or text file")
+    parser.add_argument("--input", required=True, action="append",
+                        help="JSONL file ({prompt, response[, id]} per line) or text file; repeat it to put several "
+                             "files into one store, in order (the later ones appended)")
     parser.add_argument("--tokenizer", required=True,
                         help="sentencepiece .model file, or a Hugging Face tokenizer directory (chat template used)")
     parser.add_argument("--out", required=True, help="token store directory to write")
@@ -25,12 +27,18 @@ def run(args: argparse.Namespace) -> int:
     from replay_megatron.data.preprocess import DataError, preprocess
 
     mode = "append" if args.append else "overwrite" if args.overwrite else "create"
-    try:
-        meta = preprocess(args.input, args.tokenizer, args.out, args.seq_length, fmt=args.format,
-                          workers=args.workers, mode=mode, progress=False if args.no_progress else None)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"replay-megatron preprocess: error: {e}", file=sys.stderr)
-        return 2
+    for i, path in enumerate(args.input):
+        try:
+            meta = preprocess(path, args.tokenizer, args.out, args.seq_length, fmt=args.format, workers=args.workers,
+                              mode=mode if i == 0 else "append", progress=False if args.no_progress else None)
+        except (DataError, FileNotFoundError, ValueError) as e:
+            print(f"replay-megatron preprocess: error: {e}", file=sys.stderr)
+            return 2
+        _report(args, meta)
+    return 0
+
+
+def _report(args: argparse.Namespace, meta: dict) -> None:
     source = meta["sources"][-1]
     print(f"{args.out}: {source['num_samples']} samples added ({meta['num_samples']} in store, "
           f"{meta['num_tokens']} tokens, {meta['num_loss_tokens']} loss-bearing), "
@@ -41,4 +49,3 @@ def run(args: argparse.Namespace) -> int:
     if source["samples_without_loss"]:
         print(f"warning: {source['samples_without_loss']} samples have no loss-bearing token "
               f"(prompt fills the sequence)", file=sys.stderr)
-    return 0

@@ -6,6 +6,11 @@ general corpus, the comparison configs (one per method) the NL2SQL set, the repl
 sets; `preprocess.train_input` / `eval_input` say which raw file becomes which token store. Every path is
 relative to `run.data_root`, which the demo sets to its output dir, with runs under `<out>/runs`.
 
+The base sees NL2SQL too: its pre-training corpus is the general corpus plus NL2SQL samples generated with
+another seed (other databases and questions, `PRETRAIN_DOMAIN`), as a real base model has seen SQL before
+its domain fine-tuning. Without it the base is confidently wrong on every SQL token, Stage 0's candidate
+sets degenerate to {its wrong guess, gold}, and the comparison says nothing about the method.
+
 `--quick` (the CI smoke run) keeps the shapes and the code paths and shrinks the work: a few hundred
 generated samples, a few optimizer steps, two methods, a handful of eval examples (`QUICK_*` below).
 """
@@ -23,8 +28,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 PRETRAIN = "pretrain"
 METHODS = ("sft_adamw", "topk_moclip", "sft_moclip", "topk_adamw")  # the comparison, then the mixed variants
 QUICK_METHODS = METHODS[:2]
-QUICK_PRETRAIN = ("train.train_iters=16",)
-QUICK_POSTTRAIN = ("train.train_iters=6", "eval.max_batches=1", "eval.domain.limit=6",
+# NL2SQL samples mixed into pre-training (about 9% of its corpus), from other databases than the domain set.
+PRETRAIN_DOMAIN = DemoDataConfig(seed=1, general_train=0, general_heldout=0, domain_train=2000, domain_heldout=0)
+QUICK_PRETRAIN_DOMAIN = DemoDataConfig(seed=1, general_train=0, general_heldout=0, domain_train=40, domain_heldout=0,
+                                       num_databases=8)
+QUICK_PRETRAIN = ("train.train_iters=16", "optimizer.warmup_iters=2")
+QUICK_POSTTRAIN = ("train.train_iters=6", "optimizer.warmup_iters=1", "eval.max_batches=1", "eval.domain.limit=6",
                    "eval.domain.max_new_tokens=24")
 
 
@@ -68,33 +77,39 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None,
     tokenizer = pre.input_path(pre.data.tokenizer)
     if tokenizer.name != TOKENIZER_FILE:
         raise ValueError(f"{pre_file}: data.tokenizer must be <demo data dir>/{TOKENIZER_FILE}, got {tokenizer}")
-    data_dir = tokenizer.parent
-    steps = [Step("data", ("make-demo-data", "--out", str(data_dir),
-                           *data_args(DemoDataConfig.quick() if quick else DemoDataConfig())),
-                  outputs=(data_dir,),
-                  complete=lambda: (data_dir / "manifest.json").is_file() and tokenizer.is_file())]
+    data_dir, mix_dir = tokenizer.parent, out / "data_pretrain_domain"
 
+    def make_data(name: str, where: Path, sizes: DemoDataConfig) -> Step:
+        return Step(name, ("make-demo-data", "--out", str(where), *data_args(sizes)), outputs=(where,),
+                    complete=lambda: (where / "manifest.json").is_file())
+
+    steps = [make_data("data", data_dir, DemoDataConfig.quick() if quick else DemoDataConfig()),
+             make_data("data-pretrain-domain", mix_dir, QUICK_PRETRAIN_DOMAIN if quick else PRETRAIN_DOMAIN)]
     stores: dict[Path, str] = {}  # token store dir -> its preprocess step
 
-    def preprocess(cfg, raw: str | None, store: str | None) -> list[str]:
-        if raw is None or store is None:
+    def preprocess(cfg, raw: list[Path], store: str | None) -> list[str]:
+        if not raw or store is None:
             return []
-        src, dst = cfg.input_path(raw), cfg.input_path(store)
+        dst = cfg.input_path(store)
         if dst not in stores:
             stores[dst] = f"preprocess-{dst.name}"
-            steps.append(Step(stores[dst], ("preprocess", "--input", str(src), "--tokenizer", str(tokenizer),
-                                            "--out", str(dst), "--seq-length", str(cfg.data.seq_length),
-                                            "--format", cfg.preprocess.format, "--no-progress"),
-                              outputs=(dst,), complete=lambda: (dst / "meta.json").is_file(), after=("data",)))
+            steps.append(Step(stores[dst], ("preprocess", *(a for p in raw for a in ("--input", str(p))),
+                                            "--tokenizer", str(tokenizer), "--out", str(dst), "--overwrite",
+                                            "--seq-length", str(cfg.data.seq_length), "--format",
+                                            cfg.preprocess.format, "--no-progress"),
+                              outputs=(dst,), complete=lambda: (dst / "meta.json").is_file(),
+                              after=("data", "data-pretrain-domain")))
         return [stores[dst]]
 
-    def inputs(cfg) -> tuple[str, ...]:
-        return ("data", *preprocess(cfg, cfg.preprocess.train_input, cfg.data.train),
-                *preprocess(cfg, cfg.preprocess.eval_input, cfg.data.eval))
+    def inputs(cfg, extra: tuple[Path, ...] = ()) -> tuple[str, ...]:
+        train = [cfg.input_path(cfg.preprocess.train_input), *extra] if cfg.preprocess.train_input else []
+        evals = [cfg.input_path(cfg.preprocess.eval_input)] if cfg.preprocess.eval_input else []
+        return ("data", *preprocess(cfg, train, cfg.data.train), *preprocess(cfg, evals, cfg.data.eval))
 
     steps.append(Step(PRETRAIN, ("train", str(pre_file), *pre_over), outputs=(pre.run_dir,),
                       complete=lambda: _run_complete(pre) and base.is_dir(),
-                      ranks=_ranks(pre), after=inputs(pre), config_content=_resolved(pre)))
+                      ranks=_ranks(pre), after=inputs(pre, (mix_dir / "domain_train.jsonl",)),
+                      config_content=_resolved(pre)))
 
     collects: dict[Path, str] = {}  # replay store dir -> its collect step
     for name, (path, cfg) in methods.items():

@@ -4,7 +4,8 @@ Each `Step` is one real CLI run (`python -m replay_megatron CMD ...`, or under
 `python -m torch.distributed.run --standalone` for several ranks). A step is skipped when the ledger
 (`<out>/demo_state.json`) records that it finished with the same key and its outputs are complete. The
 key hashes the command, the content of the step's config (with its overrides) and the keys of the steps
-it reads from, so an edited config or regenerated upstream data re-runs it and everything after it. A
+it reads from and when they finished, so an edited config or a re-run upstream step (its outputs were
+incomplete) re-runs it and everything after it. A
 step that started with the same key but did not finish is run again over its outputs (train and collect
 resume); a step whose key changed first has its outputs removed.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from replay_megatron.atomic_io import atomic_write_json
 
 LEDGER = "demo_state.json"
 LOGS = "logs"
-_NOISE = ("UserWarning", "warnings.warn(", "FutureWarning", "DeprecationWarning")
+_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")  # `file:line: Category: message`, then the source line
 
 
 class DemoError(RuntimeError):
@@ -83,7 +85,7 @@ class Runner:
         for name in step.after:
             if name not in self.ledger:
                 raise DemoError(f"step {step.name} needs step {name}, which has not run")
-            upstream[name] = self.ledger[name]["key"]
+            upstream[name] = [self.ledger[name]["key"], self.ledger[name].get("finished")]
         blob = json.dumps({"command": step.command, "ranks": step.ranks, "config": step.config_content,
                            "after": upstream}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -111,7 +113,7 @@ class Runner:
         if not step.complete():
             raise DemoError(f"step {step.name} exited 0 but its outputs are incomplete: "
                             + ", ".join(str(p) for p in step.outputs))
-        self._record(step.name, {"key": key, "done": True, "seconds": round(seconds, 2)})
+        self._record(step.name, {"key": key, "done": True, "seconds": round(seconds, 2), "finished": time.time()})
         self.say(f"{tag}: done in {seconds:.1f} s (demo elapsed {time.monotonic() - self.t0:.1f} s)")
         return seconds
 
@@ -123,9 +125,11 @@ class Runner:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                     errors="replace")
             assert proc.stdout is not None
+            in_warning = False
             for line in proc.stdout:
                 log.write(line)
-                if line.strip() and not any(n in line for n in _NOISE):
+                in_warning = bool(_WARNING.match(line)) or (in_warning and line[:1].isspace())
+                if line.strip() and not in_warning:
                     self.stream.write("    " + line)
                     self.stream.flush()
             return proc.wait()
