@@ -180,6 +180,17 @@ def test_bad_input_errors_name_file_and_line(demo, tmp_path, capsys, content, fm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nothing half-written
 
 
+def test_cli_repeated_input_equals_create_then_append(demo, tmp_path):
+    d, tok_path = demo
+    first, second = (str(d / SPLIT_FILES[s]) for s in ("domain_heldout", "general_heldout"))
+    common = ["--tokenizer", str(tok_path), "--seq-length", "24", "--no-progress"]
+    assert main(["preprocess", "--input", first, "--input", second, "--out", str(tmp_path / "both"), *common]) == 0
+    assert main(["preprocess", "--input", first, "--out", str(tmp_path / "one"), *common]) == 0
+    assert main(["preprocess", "--input", second, "--out", str(tmp_path / "one"), "--append", *common]) == 0
+    both, one = TokenDataset(tmp_path / "both"), TokenDataset(tmp_path / "one")
+    assert both.fingerprint == one.fingerprint and both.string_ids == one.string_ids
+
+
 def test_missing_paths_are_named(demo, tmp_path, capsys):
     _, tok_path = demo
     assert main(["preprocess", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tok_path),
