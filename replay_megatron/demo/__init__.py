@@ -2,4 +2,6 @@
 
 - `general_tasks`, `nl2sql`: the sample generators; `generate`: the data set on disk and its tokenizer.
 - `execution`: NL2SQL execution accuracy (SPEC.md section 5).
+- `pipeline`: the demo's steps (`replay-megatron demo`); `runner`: runs them as CLI subprocesses, reusing
+  finished ones.
 """

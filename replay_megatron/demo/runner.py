@@ -10,7 +10,8 @@ step that started with the same key but did not finish is run again over its out
 resume); a step whose key changed first has its outputs removed.
 
 Progress goes to stdout: one line when a step starts and ends (name, elapsed), the child's own lines in
-between (indented; Python warnings left out), and the child's whole output in `<out>/logs/<step>.log`.
+between (indented, with the step's elapsed seconds; Python warnings left out), and the child's whole output
+in `<out>/logs/<step>.log`.
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ class Runner:
     def _stream(self, argv: list[str], env: dict[str, str], log_path: Path) -> int:
         """Run `argv`, copying its output to the log and (minus warnings) to the stream; its exit code."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
         with open(log_path, "w", encoding="utf-8") as log:
             log.write(" ".join(argv) + "\n")
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -130,7 +132,7 @@ class Runner:
                 log.write(line)
                 in_warning = bool(_WARNING.match(line)) or (in_warning and line[:1].isspace())
                 if line.strip() and not in_warning:
-                    self.stream.write("    " + line)
+                    self.stream.write(f"    {time.monotonic() - start:6.1f}s  {line}")
                     self.stream.flush()
             return proc.wait()
 
