@@ -254,9 +254,10 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
         if moclip is not None and optimizer_loaded and state.moclip_counts is not None:
             moclip.clip_counts = state.moclip_counts
         if layout.rank == 0:
+            fresh = "" if optimizer_loaded else (f"; saved at layout {state.parallel}, now {parallel}: weights and "
+                                                 "data position loaded, optimizer state starts fresh")
             print(f"[train] resuming {run_dir} from {latest.name} (step {state.step}, {state.consumed_samples} "
-                  f"samples){'' if optimizer_loaded else f'; saved at layout {state.parallel}, now {parallel}: weights and data position loaded, optimizer state starts fresh'}",
-                  flush=True)
+                  f"samples){fresh}", flush=True)
         state.parallel = parallel
     elif source is None:
         save_initial_weights(run_dir, model, hf)
@@ -312,10 +313,11 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
                 break
             if t.save_interval and state.step % t.save_interval == 0 and state.step < inputs.total_steps:
                 _save(run_dir, state, model, optimizer, scheduler, hf)
-        _save(run_dir, state, model, optimizer, scheduler, hf)
-        if status == "completed" and eval_data is not None and not (t.eval_interval and
-                                                                   state.step % t.eval_interval == 0):
-            eval_data.run(model, state.step, logger)
+        if steps_this_run:  # a re-run of a finished run has nothing new to save or evaluate
+            _save(run_dir, state, model, optimizer, scheduler, hf)
+            if status == "completed" and eval_data is not None and not (t.eval_interval and
+                                                                       state.step % t.eval_interval == 0):
+                eval_data.run(model, state.step, logger)
     finally:
         termination.close()
         bar.close()
