@@ -63,7 +63,9 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None,
     """The demo's steps in order, for output dir `out` (absolute)."""
     from replay_megatron.config import load_config
 
-    common = [f"run.data_root={out}", f"run.out_dir={out / 'runs'}"] + ([f"run.seed={seed}"] if seed is not None else [])
+    common = [f"run.data_root={out}", f"run.out_dir={out / 'runs'}"]
+    if seed is not None:
+        common.append(f"run.seed={seed}")
     pre_file = config_dir / f"{PRETRAIN}.yaml"
     pre_over = common + list(QUICK_PRETRAIN if quick else ())
     pre = load_config(pre_file, pre_over)
