@@ -25,22 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def megatron_logits(hf_dir: str, mcore_dir: str | None, tokens, tp: int, pp: int, device: str):
     """On each rank: the fp32 Megatron model from `mcore_dir` (or `hf_dir`); full logits on last stage/tp 0."""
-    from replay_megatron.models.checkpoint import LazySafetensors, load_megatron, read_hf_config
-    from replay_megatron.models.conversion import load_hf_into_model
+    from replay_megatron.models.checkpoint import read_hf_config
     from replay_megatron.models.forward import full_logits
-    from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.qwen3 import build_stage
+    from replay_megatron.models.sources import load_weights
     from replay_megatron.platform.distributed import initialize, shutdown
 
     hf = read_hf_config(hf_dir)
     layout = initialize(device=device, tp=tp, pp=pp, num_layers=hf["num_hidden_layers"])
     try:
-        model = build_model(hf, transformer_config(hf, tp=tp, pp=pp),
-                            pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
-        model.to(layout.device.torch_device)
-        if mcore_dir:
-            load_megatron(model, mcore_dir, hf)
-        else:
-            load_hf_into_model(model, LazySafetensors(hf_dir), hf, tp=tp, tp_rank=layout.tp_rank)
+        model = build_stage(hf, layout)
+        load_weights(model, mcore_dir or hf_dir, hf, layout)
         model.eval()
         logits = [x.cpu() for x in full_logits(model, [tokens.to(layout.device.torch_device)], hf["vocab_size"])]
     finally:

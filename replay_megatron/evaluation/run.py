@@ -40,22 +40,10 @@ def base_weights(cfg, run_dir: Path) -> Path:
     return path
 
 
-def load_weights(model: torch.nn.Module, path: Path, hf: Mapping[str, Any], layout) -> None:
-    """Load a `save_megatron` dir (any TP/PP; collective) or an HF dir into this rank's stage `model`."""
-    from replay_megatron.models.checkpoint import (
-        LazySafetensors, check_same_model, load_megatron, read_hf_config)
-    from replay_megatron.models.conversion import load_hf_into_model
-
-    if (path / META_FILE).is_file():
-        load_megatron(model, path, hf)
-        return
-    check_same_model(read_hf_config(path), hf, str(path / "config.json"))
-    load_hf_into_model(model, LazySafetensors(path), hf, tp=layout.tp, tp_rank=layout.tp_rank)
-
-
 def _model_stage(cfg, hf: Mapping[str, Any], layout, weights: Path) -> torch.nn.Module:
     """This rank's stage of the model with `weights`, in eval mode."""
     from replay_megatron.models.qwen3 import build_stage
+    from replay_megatron.models.sources import load_weights
 
     model = build_stage(hf, layout, params_dtype=cfg.model.params_dtype,
                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)

@@ -1,26 +1,35 @@
-"""Where a configured model's starting weights come from: `model.mcore_checkpoint`, `model.hf_path`, or
-none (a preset's random initialisation, seeded by `run.seed`)."""
+"""Where a model stage's weights come from: a megatron checkpoint (`save_megatron` dir, any TP/PP), an HF
+directory, or for a config `model.mcore_checkpoint` / `model.hf_path` / none (a preset's random
+initialisation, seeded by `run.seed`)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 
-def load_configured_weights(cfg, model: torch.nn.Module, hf: Mapping[str, Any], layout) -> str | None:
-    """Load this rank's stage of the configured weights into `model` (collective for a megatron
-    checkpoint); returns the source path, or None when the model keeps its random initialisation."""
-    if cfg.model.mcore_checkpoint is not None:  # any TP/PP (megatron-core distributed checkpoint)
-        from replay_megatron.models.checkpoint import load_megatron
+def load_weights(model: torch.nn.Module, path: str | Path, hf: Mapping[str, Any], layout) -> None:
+    """Load a `save_megatron` dir (any TP/PP; collective) or an HF dir (this rank reads only its stage's
+    tensors) into this rank's stage `model`; an HF dir whose architecture differs from `hf` is refused."""
+    from replay_megatron.models.checkpoint import (
+        META_FILE, LazySafetensors, check_same_model, load_megatron, read_hf_config)
+    from replay_megatron.models.conversion import load_hf_into_model
 
-        path = cfg.input_path(cfg.model.mcore_checkpoint)
+    path = Path(path)
+    if (path / META_FILE).is_file():
         load_megatron(model, path, hf)
-        return str(path)
-    if cfg.model.hf_path is not None:  # each rank reads only its stage's tensors
-        from replay_megatron.models.checkpoint import LazySafetensors
-        from replay_megatron.models.conversion import load_hf_into_model
+        return
+    check_same_model(read_hf_config(path), hf, str(path / "config.json"))
+    load_hf_into_model(model, LazySafetensors(path), hf, tp=layout.tp, tp_rank=layout.tp_rank)
 
-        path = cfg.input_path(cfg.model.hf_path)
-        load_hf_into_model(model, LazySafetensors(path), hf, tp=layout.tp, tp_rank=layout.tp_rank)
-        return str(path)
-    return None
+
+def load_configured_weights(cfg, model: torch.nn.Module, hf: Mapping[str, Any], layout) -> str | None:
+    """Load the config's starting weights into this rank's stage; returns their path, or None when the
+    model keeps its random initialisation (a preset without a checkpoint)."""
+    source = cfg.model.mcore_checkpoint if cfg.model.mcore_checkpoint is not None else cfg.model.hf_path
+    if source is None:
+        return None
+    path = cfg.input_path(source)
+    load_weights(model, path, hf, layout)
+    return str(path)
