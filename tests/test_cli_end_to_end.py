@@ -24,8 +24,7 @@ from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.training import run_dir as layout_of_run
 from train_fixtures import SEQ, make_training_root
 
-# one worker runs the module fixture once (--dist loadgroup)
-pytestmark = [pytest.mark.multiproc, pytest.mark.xdist_group("cli_end_to_end")]
+pytestmark = pytest.mark.multiproc
 LAYOUTS = {"tp2pp1": ["parallel.tensor_model_parallel_size=2"], "tp1pp2": ["parallel.pipeline_model_parallel_size=2"]}
 
 

@@ -21,7 +21,6 @@ from replay_megatron.platform.spawn import run_local
 from replay_megatron.replay.collect import TIMING_RECORD
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
 
-pytestmark = pytest.mark.xdist_group("collect")  # one worker runs the module fixture once (--dist loadgroup)
 
 TAU, K_MAX = 0.9, 16
 NEAR_TAU = 1e-5

@@ -6,7 +6,6 @@ import torch
 from qwen3_fixtures import hf_state_dict, tiny_hf_config, tiny_hf_model
 from replay_megatron.evaluation import domain
 
-pytestmark = pytest.mark.xdist_group("domain_eval")  # one worker runs the module fixture once (--dist loadgroup)
 
 
 @pytest.fixture(scope="module")

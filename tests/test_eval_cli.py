@@ -10,7 +10,6 @@ from qwen3_fixtures import hf_state_dict
 from replay_megatron.platform.spawn import run_local
 from test_evaluation import LOSS_TOL, SEQ, _hf_pair, _hf_reference_loss, _reference_distance, _write_store
 
-pytestmark = pytest.mark.xdist_group("eval_cli")  # one worker runs the module fixture once (--dist loadgroup)
 
 
 def save_weights(hf, state_dicts, directories):

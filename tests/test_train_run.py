@@ -18,7 +18,6 @@ from replay_megatron.platform.spawn import run_local
 from replay_megatron.training import run_dir as layout_of_run
 from train_fixtures import make_training_root
 
-pytestmark = pytest.mark.xdist_group("train_run")  # one worker runs the module fixture once (--dist loadgroup)
 
 CURVE_KEYS = ("loss", "grad_norm", "cos_phi", "clip_rate", "lr", "consumed_samples", "skipped")
 
