@@ -120,7 +120,6 @@ REPLAY_ONLY = ("stage0_time_s", "storage_bytes_per_position", "storage_fraction_
 
 
 @pytest.mark.multiproc
-@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_report_is_complete_and_finite(quick_demo):
     out, stdout = quick_demo
     report = json.loads((out / "report" / "report.json").read_text())
@@ -141,7 +140,6 @@ def test_quick_demo_report_is_complete_and_finite(quick_demo):
 
 
 @pytest.mark.multiproc
-@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_numbers_are_the_runs_own(quick_demo):
     """Each number in the report is the one its run wrote (not a constant): losses and step times from
     metrics.jsonl, forgetting and accuracy from eval.json, Stage 0 from the store's own record."""
@@ -165,7 +163,6 @@ def test_quick_demo_numbers_are_the_runs_own(quick_demo):
 
 
 @pytest.mark.multiproc
-@pytest.mark.xdist_group("demo_quick")  # one worker runs the demo once for the three tests (--dist loadgroup)
 def test_quick_demo_second_invocation_reuses_every_step(quick_demo):
     out, _ = quick_demo
     before = (out / "report" / "report.json").read_text()
@@ -176,7 +173,6 @@ def test_quick_demo_second_invocation_reuses_every_step(quick_demo):
 
 
 @pytest.mark.multiproc
-@pytest.mark.xdist_group("demo_quick")
 def test_quick_demo_numbers_change_with_the_seed(quick_demo, tmp_path):
     """Another run.seed (initialisation, data order) gives other losses, distances and perplexities."""
     out, _ = quick_demo
