@@ -16,16 +16,19 @@ class TrainingAborted(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint was saved before raising."""
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (one MAX all-reduce of one element)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True on every rank if `flag` (a bool or a 0-d tensor) is true on any rank: one MAX all-reduce of
+    one element and one host sync."""
+    t = (flag.to(device=device, dtype=torch.float32) if torch.is_tensor(flag)
+         else torch.tensor(1.0 if flag else 0.0, device=device)).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def has_nonfinite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether any of `tensors` holds a NaN or an Inf (local check)."""
-    return any(not bool(torch.isfinite(t).all()) for t in tensors)
+def has_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: whether any of `tensors` holds a NaN or an Inf (local, no host sync)."""
+    flags = [~torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).any() if flags else torch.tensor(False)
 
 
 class TerminationFlag:

@@ -50,7 +50,8 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
     loss = (totals[0] / totals[1].clamp_min(1)).item()
     result = {"loss": loss, "tokens": int(totals[1].item())}
     grads = [b.grad_data for b in getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", [])]
-    if any_rank(not math.isfinite(loss) or has_nonfinite(grads), grads[0].device if grads else "cpu"):
+    device = grads[0].device if grads else torch.device("cpu")
+    if any_rank(has_nonfinite(grads).to(device) | (not math.isfinite(loss)), device):
         return {**result, "grad_norm": float("nan"), "update_ok": False, "skipped": True}
     update_ok, grad_norm, _ = optimizer.step()
     return {**result, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok), "skipped": False}
