@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from replay_megatron.optim import MoClip
+from replay_megatron.optim import moclip as moclip_module
 
 TOL = 1e-6
 
@@ -107,8 +108,12 @@ def run_against_reference(steps: int, moclip_kwargs: dict, ref_kwargs: dict):
     return opt, ref, cos
 
 
-@pytest.mark.parametrize("mode,max_angle", [("paper", 70.0), ("rotate", 80.0), ("paper", 100.0)])
-def test_moclip_equals_flat_reference(mode, max_angle):
+@pytest.mark.parametrize("mode,max_angle,block_numel", [("paper", 70.0, None), ("rotate", 80.0, None),
+                                                        ("paper", 100.0, None), ("paper", 70.0, 7)])
+def test_moclip_equals_flat_reference(monkeypatch, mode, max_angle, block_numel):
+    """block_numel=7: the CPU path's blocks (statistics and update) cut every weight raggedly."""
+    if block_numel is not None:
+        monkeypatch.setattr(moclip_module, "CPU_BLOCK_NUMEL", block_numel)
     opt, ref, cos = run_against_reference(20, dict(max_angle=max_angle, mode=mode),
                                           dict(max_angle=max_angle, mode=mode))
     torch.testing.assert_close(torch.tensor(cos, dtype=torch.float64), torch.tensor(ref.cos, dtype=torch.float64),
@@ -181,22 +186,43 @@ def test_state_dict_round_trip_resumes_exactly(counts_via):
 
 
 def test_foreach_and_per_tensor_paths_are_identical():
+    """Also for a non-contiguous parameter (updated whole, not in blocks)."""
     results = []
     for foreach in (True, False):
         model = make_mlp()
         extra = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))  # a second dtype bucket
-        opt = MoClip(param_groups(model) + [{"params": [extra]}], max_angle=30.0, foreach=foreach)
+        transposed = torch.nn.Parameter(torch.eye(3, 8).t())  # non-contiguous: updated whole
+        opt = MoClip(param_groups(model) + [{"params": [extra, transposed]}], max_angle=30.0, foreach=foreach)
         for step in range(10):
             x, y = batch(step)
             opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x) * extra.float(), y).backward()
+            out = model(x) * extra.float() + (x.repeat(1, 2)[:, :8] @ transposed)
+            torch.nn.functional.mse_loss(out, y).backward()
             opt.step()
         state = [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
-        results.append(([p.detach().clone() for p in model.parameters()] + [extra.detach().clone()] + state,
-                         opt.last_stats.as_floats()))
+        params = [p.detach().clone() for p in model.parameters()] + [extra.detach().clone(), transposed.detach().clone()]
+        results.append((params + state, opt.last_stats.as_floats()))
     (tensors_a, stats_a), (tensors_b, stats_b) = results
     assert all(torch.equal(a, b) for a, b in zip(tensors_a, tensors_b))
     assert stats_a == stats_b and stats_a["clipped_steps"] > 0
+
+
+def test_statistics_of_long_tensors_keep_fp32_precision():
+    """|g| and cos(phi) of a 4M-element tensor match float64 to 1e-6 (a whole-tensor fp32 reduction on
+    CPU is off by ~1e-4 at this length)."""
+    gen = torch.Generator().manual_seed(0)
+    g1, noise = torch.randn(1 << 22, generator=gen), torch.randn(1 << 22, generator=gen)
+    p = torch.nn.Parameter(torch.zeros(1 << 22))
+    opt = MoClip([p], max_angle=30.0)
+    p.grad = g1
+    opt.step()
+    m = opt.state[p]["exp_avg"].double()
+    p.grad = g2 = g1 + 2.0 * noise
+    opt.step()
+    stats = opt.last_stats.as_floats()
+    g64 = g2.double()
+    assert stats["grad_norm"] == pytest.approx(g64.norm().item(), rel=1e-6)
+    assert stats["cos_phi"] == pytest.approx((m @ g64 / (m.norm() * g64.norm())).item(), abs=1e-6)
 
 
 def test_bf16_params_keep_fp32_state_and_round_once():

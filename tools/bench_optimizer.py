@@ -5,7 +5,9 @@ prints the median step time of each and its ratio to AdamW (issue 5 target: MoCl
 two scenarios, in this order: "aligned" keeps the gradient fixed, so the angle stays within the cap
 (MoClip never clips); "clipping" draws a fresh random gradient every step, nearly orthogonal to the
 momentum, so MoClip clips on every step (its most expensive path). On a shared machine the median
-carries other jobs' noise; the minimum is the best estimate of an undisturbed step.
+carries other jobs' noise; the minimum is the best estimate of an undisturbed step. The row marked `*` is
+MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; multi-tensor on
+accelerators); AdamW(fused), torch's single-kernel AdamW, is printed for context.
 
     python tools/bench_optimizer.py --params 100e6 --reps 7
 """
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 
 from replay_megatron.optim import MoClip
+from replay_megatron.optim.moclip import CPU_BLOCK_NUMEL
 
 
 def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list[tuple[int, ...]]:
@@ -68,8 +71,12 @@ def main() -> None:
             p.grad = g  # shared: every optimizer sees the same gradient
         return build(params)
 
+    default = "per-tensor" if device.type == "cpu" else "foreach"
+    print(f"MoClip's default path here: {default}"
+          + (f" (blocks of {CPU_BLOCK_NUMEL} elements)" if device.type == "cpu" else ""))
     optimizers = {
         "AdamW(foreach)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
+        "AdamW(fused)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
         "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True)),
         "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False)),
         "Adam-atan2 (MoClip 180)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0)),
@@ -94,7 +101,8 @@ def main() -> None:
         base = {k: summary(times["AdamW(foreach)"])[k] for k in ("median", "min", "cpu")}
         for name in names:
             row = summary(times[name])
-            print(f"  {name:26s} " + "  ".join(f"{k} {row[k] * 1e3:8.1f} ({row[k] / base[k]:4.2f})" for k in row))
+            mark = "*" if name == f"MoClip({default})" else " "
+            print(f" {mark}{name:26s} " + "  ".join(f"{k} {row[k] * 1e3:8.1f} ({row[k] / base[k]:4.2f})" for k in row))
 
 
 def summary(samples: list[tuple[float, float]]) -> dict[str, float]:

@@ -16,8 +16,12 @@ distributed-optimizer checkpointing expects. The step count `t` is each paramete
 all parameters unless some had no gradient on some step; parameters without a gradient are skipped, as
 torch's optimizers do).
 
-Precision: per-tensor partial sums are fp32 reductions (`_foreach_norm`, `torch.dot`), accumulated
-across tensors and ranks in float64; the clip scalars are float64, applied to fp32 tensors.
+Precision: partial sums are fp32 reductions accumulated across tensors and ranks in float64; the clip
+scalars are float64, applied to fp32 tensors. On accelerators the fp32 reductions are whole tensors
+(`_foreach_norm`, `torch.dot`: tree reductions); on CPU, whose fp32 reductions lose precision with length
+(|g|^2 of a 16M-element tensor is off by 1e-3 relative), they are `torch.dot` over blocks of
+`CPU_BLOCK_NUMEL` elements, which also reads g and m once for all three sums. Both paths of one device
+(multi-tensor, per-tensor) use the same sums and give identical numbers.
 On accelerators the step never synchronises with the host: the scalars stay on the device, g' is built
 whenever clipping is possible (alpha = 1, beta = 0 when it did not fire) and `last_stats` holds tensors (call
 `MoClipStats.as_floats()`, which syncs, only when logging). On CPU, where reading a flag costs nothing,
@@ -35,6 +39,10 @@ from torch import Tensor
 from replay_megatron.optim.clip import AngleClip, check_clip_args, clip_coefficients
 
 StatsReducer = Callable[[Tensor], Tensor]
+
+# CPU work unit of the per-tensor path and of the statistics: 1 MiB of fp32 per tensor, so one block's
+# g, m, v, theta and the temporary stay in L2/L3 through the whole update (each op re-reads the block).
+CPU_BLOCK_NUMEL = 1 << 18
 
 
 @dataclass
@@ -76,11 +84,22 @@ class _Bucket:
     steps: list[float] = field(default_factory=list)  # t of this step, per parameter
     counted: list[bool] = field(default_factory=list)
 
-    def tensor_by_tensor(self) -> list["_Bucket"]:
-        """One bucket per tensor, so that the per-tensor path finishes a tensor before the next one
-        (on CPU its temporaries then stay in cache and reuse freed memory)."""
-        columns = zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.counted)
-        return [_Bucket(self.group, False, *([x] for x in row)) for row in columns]
+    def blocks(self, block_numel: Optional[int]) -> list["_Bucket"]:
+        """One bucket per tensor, or per flat block of at most `block_numel` elements of a contiguous one,
+        so that the per-tensor path finishes a block before the next (on CPU its data then stays in cache
+        between the update's ops). The update is elementwise: blocks give the same numbers."""
+        block_numel = block_numel or max(p.numel() for p in self.params)
+        parts = []
+        for *row, t, counted in zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+                                    self.counted):
+            numel = row[0].numel()
+            if numel <= block_numel or not all(x.is_contiguous() for x in row):
+                pieces = [row]
+            else:
+                flat = [x.view(-1) for x in row]
+                pieces = [[x[i:i + block_numel] for x in flat] for i in range(0, numel, block_numel)]
+            parts += [_Bucket(self.group, False, *([x] for x in piece + [t, counted])) for piece in pieces]
+        return parts
 
 
 def _each(foreach: bool, op: str, *args: Any, **kwargs: Any) -> Any:
@@ -118,10 +137,33 @@ def decoupled_update_(params: list[Tensor], updates: list[Tensor], step_size: fl
         _each(foreach, "copy_", params, work)
 
 
-def _norms(foreach: bool, tensors: list[Tensor]) -> list[Tensor]:
-    if foreach:
-        return list(torch._foreach_norm(tensors))
-    return [torch.linalg.vector_norm(t) for t in tensors]
+def flat_blocks(tensor: Tensor, block_numel: int) -> list[Tensor]:
+    """`tensor` flattened (a copy if not contiguous) in slices of at most `block_numel` elements."""
+    flat = tensor.reshape(-1)
+    return [flat[i:i + block_numel] for i in range(0, flat.numel(), block_numel)] or [flat]
+
+
+def local_sums(ms: list[Tensor], gs: list[Tensor], first: bool) -> Tensor:
+    """[<m, g>, |m|^2, |g|^2] of matching tensor lists in float64 (m ignored when `first`: m_0 = 0).
+
+    Accelerators: whole-tensor fp32 reductions (tree reductions), multi-tensor for both update paths so
+    that they see the same sums. CPU: fp32 dots over blocks of `CPU_BLOCK_NUMEL`, summed
+    in float64 (CPU's long fp32 reductions drift), reading each block of g and m once for all three.
+    """
+    if gs[0].device.type != "cpu":
+        gg = torch.stack(torch._foreach_norm(gs)).double().square().sum()
+        if first:
+            return torch.stack([torch.zeros_like(gg), torch.zeros_like(gg), gg])
+        d = torch.stack([torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]).double().sum()
+        mm = torch.stack(torch._foreach_norm(ms)).double().square().sum()
+        return torch.stack([d, mm, gg])
+    parts = []
+    for m, g in zip(ms, gs):
+        for mb, gb in zip(flat_blocks(m, CPU_BLOCK_NUMEL), flat_blocks(g, CPU_BLOCK_NUMEL)):
+            gg = torch.dot(gb, gb)
+            parts.append(torch.stack([torch.zeros_like(gg), torch.zeros_like(gg), gg]) if first else
+                         torch.stack([torch.dot(mb, gb), torch.dot(mb, mb), gg]))
+    return torch.stack(parts).double().sum(0)
 
 
 class MoClip(torch.optim.Optimizer):
@@ -132,9 +174,10 @@ class MoClip(torch.optim.Optimizer):
     the local sums across ranks (e.g. `stats.GlobalSumsReducer`); `counts_toward_stats(param)` says
     whether this rank counts a parameter in them (e.g. `stats.counts_toward_global_stats`); every
     parameter is updated either way. `foreach` picks the multi-tensor path (`torch._foreach_*`, one call
-    per op over all tensors) or the per-tensor path (the whole update on one tensor, then the next); the
-    numbers are identical. Default (None): multi-tensor on accelerators, per-tensor on CPU, where it is
-    faster (as torch's own optimizers default to foreach only off CPU).
+    per op over all tensors) or the per-tensor path (the whole update on one tensor, then the next; on
+    CPU on one block of `CPU_BLOCK_NUMEL` elements, then the next, reusing one buffer); the numbers are
+    identical. Default (None): multi-tensor on accelerators, per-tensor on CPU, where it is faster (as
+    torch's own optimizers default to foreach only off CPU).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -251,25 +294,19 @@ class MoClip(torch.optim.Optimizer):
         return torch.device("cpu")
 
     def _local_sums(self, buckets: list[_Bucket], first: bool, device: torch.device) -> Tensor:
-        """[d, mm, gg] over the counted tensors of this rank: fp32 per tensor, float64 across tensors."""
+        """[d, mm, gg] over the counted tensors of this rank (`local_sums` per bucket, float64 across)."""
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for b in buckets:
             ms = [m for m, c in zip(b.exp_avgs, b.counted) if c]
             gs = [g for g, c in zip(b.grads, b.counted) if c]
-            if not gs:
-                continue
-            gg = torch.stack(_norms(b.foreach, gs)).double().square().sum()
-            if first:  # m_0 = 0: d and mm vanish
-                d = mm = torch.zeros_like(gg)
-            else:
-                dots = [torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]
-                d = torch.stack(dots).double().sum()
-                mm = torch.stack(_norms(b.foreach, ms)).double().square().sum()
-            sums += torch.stack([d, mm, gg]).to(device)
+            if gs:
+                sums += local_sums(ms, gs, first).to(device)
         return sums
 
-    def _update(self, b: _Bucket, clip: Optional[AngleClip]) -> None:
-        """SPEC section 3 steps 3-6 for one bucket; `clip` None means g' = g."""
+    def _update(self, b: _Bucket, clip: Optional[tuple[Tensor, Tensor]],
+                temps: Optional[list[Tensor]] = None) -> None:
+        """SPEC section 3 steps 3-6 for one bucket. `clip` is fp32 (alpha, beta) of g' = alpha*g + beta*m,
+        None for g' = g. `temps` (shaped like the grads) receive the step's one temporary; None: fresh."""
         fe, group = b.foreach, b.group
         b1, b2 = group["betas"]
         lr, a, bb, eps = group["lr"], group["atan2_a"], group["atan2_b"], group["eps"]
@@ -279,19 +316,19 @@ class MoClip(torch.optim.Optimizer):
         else:
             # One temporary, as AdamW's one (fresh memory is the dearest part of a CPU step): g' is built
             # in it with a broadcasting addcmul (0-dim beta, per tensor) and it then holds sqrt(v).
-            clipped_grads = _each(fe, "mul", grads, clip.alpha.float())
-            beta = clip.beta.float()
+            alpha, beta = clip
+            clipped_grads = _each(fe, "mul", grads, alpha) if temps is None else \
+                [torch.mul(g, alpha, out=u) for g, u in zip(grads, temps)]
             for g_clipped, m in zip(clipped_grads, exp_avgs):
                 g_clipped.addcmul_(m, beta)
+            temps = clipped_grads
         _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
         _each(fe, "mul_", exp_avg_sqs, b2)
         _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
         bc1 = [1.0 - b1 ** t for t in b.steps]
         bc2_sqrt = [math.sqrt(1.0 - b2 ** t) for t in b.steps]
-        if clip is None:
-            denom = _each(fe, "sqrt", exp_avg_sqs)
-        else:
-            denom = [torch.sqrt(v, out=u) for v, u in zip(exp_avg_sqs, clipped_grads)]
+        denom = _each(fe, "sqrt", exp_avg_sqs) if temps is None else \
+            [torch.sqrt(v, out=u) for v, u in zip(exp_avg_sqs, temps)]
         if eps is None:
             # atan2(m/bc1, b*sqrt(v/bc2)) == atan2(m, c*sqrt(v)) with c = b*bc1/sqrt(bc2) > 0.
             _each(fe, "mul_", denom, [bb * c1 / c2 for c1, c2 in zip(bc1, bc2_sqrt)])
@@ -318,10 +355,18 @@ class MoClip(torch.optim.Optimizer):
         # g' = g for sure: on the first step, with clipping off, or when the (free on CPU) flag says so.
         # Skipping the build changes nothing (alpha = 1, beta = 0); on accelerators the flag stays put.
         unclipped = first or self.max_angle >= 180.0 or (device.type == "cpu" and not bool(clip.clipped))
-        applied = None if unclipped else clip
+        applied = None if unclipped else (clip.alpha.float(), clip.beta.float())
         for b in buckets:
-            for part in [b] if b.foreach else b.tensor_by_tensor():
-                self._update(part, applied)
+            if b.foreach:
+                self._update(b, applied)
+                continue
+            # Per-tensor path: block by block on CPU, all blocks sharing one buffer for the temporary.
+            parts = b.blocks(CPU_BLOCK_NUMEL if b.params[0].device.type == "cpu" else None)
+            buffer = torch.empty(max(p.grads[0].numel() for p in parts), dtype=torch.float32,
+                                 device=b.grads[0].device)
+            for part in parts:
+                grad = part.grads[0]
+                self._update(part, applied, [buffer[:grad.numel()].view(grad.shape)])
         self._record(clip, sums[2], device)
         return loss
 
