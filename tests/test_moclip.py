@@ -185,24 +185,27 @@ def test_state_dict_round_trip_resumes_exactly(counts_via):
                                                    "opposite_steps": 0}
 
 
+def train_mixed_case(steps: int = 10, **moclip_kwargs) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Params and moments after `steps` clipping steps over two groups, a bf16 parameter (its own bucket)
+    and a non-contiguous one (updated whole, not in blocks); and the last step's statistics."""
+    model = make_mlp()
+    extra = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    transposed = torch.nn.Parameter(torch.eye(3, 8).t())
+    opt = MoClip(param_groups(model) + [{"params": [extra, transposed]}], max_angle=30.0, **moclip_kwargs)
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        out = model(x) * extra.float() + (x.repeat(1, 2)[:, :8] @ transposed)
+        torch.nn.functional.mse_loss(out, y).backward()
+        opt.step()
+    params = [p.detach().clone() for p in [*model.parameters(), extra, transposed]]
+    state = [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+    return params + state, opt.last_stats.as_floats()
+
+
 def test_foreach_and_per_tensor_paths_are_identical():
-    """Also for a non-contiguous parameter (updated whole, not in blocks)."""
-    results = []
-    for foreach in (True, False):
-        model = make_mlp()
-        extra = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))  # a second dtype bucket
-        transposed = torch.nn.Parameter(torch.eye(3, 8).t())  # non-contiguous: updated whole
-        opt = MoClip(param_groups(model) + [{"params": [extra, transposed]}], max_angle=30.0, foreach=foreach)
-        for step in range(10):
-            x, y = batch(step)
-            opt.zero_grad()
-            out = model(x) * extra.float() + (x.repeat(1, 2)[:, :8] @ transposed)
-            torch.nn.functional.mse_loss(out, y).backward()
-            opt.step()
-        state = [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
-        params = [p.detach().clone() for p in model.parameters()] + [extra.detach().clone(), transposed.detach().clone()]
-        results.append((params + state, opt.last_stats.as_floats()))
-    (tensors_a, stats_a), (tensors_b, stats_b) = results
+    tensors_a, stats_a = train_mixed_case(foreach=True)
+    tensors_b, stats_b = train_mixed_case(foreach=False)
     assert all(torch.equal(a, b) for a, b in zip(tensors_a, tensors_b))
     assert stats_a == stats_b and stats_a["clipped_steps"] > 0
 

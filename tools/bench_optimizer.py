@@ -6,8 +6,9 @@ two scenarios, in this order: "aligned" keeps the gradient fixed, so the angle s
 (MoClip never clips); "clipping" draws a fresh random gradient every step, nearly orthogonal to the
 momentum, so MoClip clips on every step (its most expensive path). On a shared machine the median
 carries other jobs' noise; the minimum is the best estimate of an undisturbed step. The row marked `*` is
-MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; multi-tensor on
-accelerators); AdamW(fused), torch's single-kernel AdamW, is printed for context.
+MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; on accelerators the Triton
+kernels, row "MoClip(fused)", shown only there); AdamW(fused), torch's single-kernel AdamW, is printed for
+context.
 
     python tools/bench_optimizer.py --params 100e6 --reps 7
 """
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 from replay_megatron.optim import MoClip
-from replay_megatron.optim.moclip import CPU_BLOCK_NUMEL
+from replay_megatron.optim.moclip import CPU_BLOCK_NUMEL, fused_kernels
 
 
 def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list[tuple[int, ...]]:
@@ -71,16 +72,19 @@ def main() -> None:
             p.grad = g  # shared: every optimizer sees the same gradient
         return build(params)
 
-    default = "per-tensor" if device.type == "cpu" else "foreach"
+    fused = device.type != "cpu" and fused_kernels() is not None
+    default = "per-tensor" if device.type == "cpu" else "fused" if fused else "foreach"
     print(f"MoClip's default path here: {default}"
           + (f" (blocks of {CPU_BLOCK_NUMEL} elements)" if device.type == "cpu" else ""))
     optimizers = {
         "AdamW(foreach)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
         "AdamW(fused)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
-        "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True)),
-        "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False)),
+        "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True, fused=False)),
+        "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False)),
         "Adam-atan2 (MoClip 180)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0)),
     }
+    if fused:
+        optimizers["MoClip(fused)"] = make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True))
     timers = {name: step_timer(opt, device) for name, opt in optimizers.items()}
     moclip = optimizers["MoClip(foreach)"]
     names = list(optimizers)

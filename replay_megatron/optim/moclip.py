@@ -22,6 +22,9 @@ scalars are float64, applied to fp32 tensors. On accelerators the fp32 reduction
 (|g|^2 of a 16M-element tensor is off by 1e-3 relative), they are `torch.dot` over blocks of
 `CPU_BLOCK_NUMEL` elements, which also reads g and m once for all three sums. Both paths of one device
 (multi-tensor, per-tensor) use the same sums and give identical numbers.
+Three code paths, one set of numbers (to rounding): the Triton kernels (`kernels/moclip.py`: one pass for
+the sums, one for the update; the default on CUDA/NPU when triton imports), the multi-tensor path
+(`torch._foreach_*`) and the per-tensor path (the default on CPU).
 On accelerators the step never synchronises with the host: the scalars stay on the device, g' is built
 whenever clipping is possible (alpha = 1, beta = 0 when it did not fire) and `last_stats` holds tensors (call
 `MoClipStats.as_floats()`, which syncs, only when logging). On CPU, where reading a flag costs nothing,
@@ -29,8 +32,11 @@ building g' is skipped on steps that do not clip.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -76,7 +82,7 @@ class _Bucket:
     """Parameters of one param group on one device with one dtype: the unit of a multi-tensor call."""
 
     group: dict
-    foreach: bool
+    path: str  # "fused" (Triton kernels), "foreach" (multi-tensor) or "per-tensor"
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)  # fp32 (a copy for low-precision params)
     exp_avgs: list[Tensor] = field(default_factory=list)
@@ -98,7 +104,7 @@ class _Bucket:
             else:
                 flat = [x.view(-1) for x in row]
                 pieces = [[x[i:i + block_numel] for x in flat] for i in range(0, numel, block_numel)]
-            parts += [_Bucket(self.group, False, *([x] for x in piece + [t, counted])) for piece in pieces]
+            parts += [_Bucket(self.group, "per-tensor", *([x] for x in piece + [t, counted])) for piece in pieces]
         return parts
 
 
@@ -135,6 +141,21 @@ def decoupled_update_(params: list[Tensor], updates: list[Tensor], step_size: fl
     _each(foreach, "add_", work, updates, alpha=-step_size)
     if work is not params:
         _each(foreach, "copy_", params, work)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_kernels() -> Optional[ModuleType]:
+    """`replay_megatron_kernels.moclip` (the Triton kernels), or None where triton does not import."""
+    try:
+        from replay_megatron_kernels import moclip as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def bias_corrections(betas: tuple[float, float], t: float) -> tuple[float, float]:
+    """Adam's (1 - b1^t, sqrt(1 - b2^t))."""
+    return 1.0 - betas[0] ** t, math.sqrt(1.0 - betas[1] ** t)
 
 
 def flat_blocks(tensor: Tensor, block_numel: int) -> list[Tensor]:
@@ -177,20 +198,25 @@ class MoClip(torch.optim.Optimizer):
     per op over all tensors) or the per-tensor path (the whole update on one tensor, then the next; on
     CPU on one block of `CPU_BLOCK_NUMEL` elements, then the next, reusing one buffer); the numbers are
     identical. Default (None): multi-tensor on accelerators, per-tensor on CPU, where it is faster (as
-    torch's own optimizers default to foreach only off CPU).
+    torch's own optimizers default to foreach only off CPU). `fused` picks the Triton kernels: None = on
+    CUDA/NPU when triton imports, True = required (on CPU only under TRITON_INTERPRET=1, for tests),
+    False = never; low-precision or non-contiguous parameters always take a PyTorch path (megatron's
+    mixed precision hands the optimizer fp32 main parameters).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, max_angle: float = 45.0, atan2_a: float = 1.0,
                  atan2_b: float = 1.0, mode: str = "paper", stats_reducer: Optional[StatsReducer] = None,
                  foreach: Optional[bool] = None, eps: Optional[float] = None,
-                 counts_toward_stats: Optional[Callable[[Tensor], bool]] = None) -> None:
+                 counts_toward_stats: Optional[Callable[[Tensor], bool]] = None,
+                 fused: Optional[bool] = None) -> None:
         check_clip_args(max_angle, mode)
         self.max_angle = float(max_angle)
         self.mode = mode
         self.stats_reducer = stats_reducer
         self.counts_toward_stats = counts_toward_stats
         self.foreach = foreach
+        self.fused = fused
         self.last_stats: Optional[MoClipStats] = None
         self._steps = 0
         self._clipped_steps: Optional[Tensor] = None
@@ -198,6 +224,24 @@ class MoClip(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, atan2_a=atan2_a,
                         atan2_b=atan2_b, eps=eps)
         super().__init__(params, defaults)
+        if fused:
+            self._check_fused_available()
+
+    def _check_fused_available(self) -> None:
+        if fused_kernels() is None:
+            raise ImportError("MoClip(fused=True) needs triton (the [triton] extra; triton-ascend on NPU)")
+        on_cpu = any(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("MoClip(fused=True) with CPU parameters runs only under TRITON_INTERPRET=1 "
+                             "(tests); on CPU leave fused at None")
+
+    def _path(self, param: Tensor, grad: Tensor) -> str:
+        """Which code path updates `param` (see the class docstring)."""
+        accelerator = param.device.type != "cpu"
+        if (self.fused or (self.fused is None and accelerator)) and fused_kernels() is not None \
+                and param.dtype == torch.float32 and param.is_contiguous() and grad.is_contiguous():
+            return "fused"
+        return "foreach" if (accelerator if self.foreach is None else self.foreach) else "per-tensor"
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -277,10 +321,11 @@ class MoClip(torch.optim.Optimizer):
                 first = first and t == 1.0
                 # A new tensor, not an in-place add: loaders may share one `step` tensor between params.
                 state["step"] = torch.tensor(t)
-                foreach = p.device.type != "cpu" if self.foreach is None else bool(self.foreach)
-                b = buckets.setdefault((gi, p.device, p.dtype), _Bucket(group, foreach))
+                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                path = self._path(p, grad)
+                b = buckets.setdefault((gi, p.device, p.dtype, path), _Bucket(group, path))
                 b.params.append(p)
-                b.grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
+                b.grads.append(grad)
                 b.exp_avgs.append(state["exp_avg"])
                 b.exp_avg_sqs.append(state["exp_avg_sq"])
                 b.steps.append(t)
@@ -300,14 +345,15 @@ class MoClip(torch.optim.Optimizer):
             ms = [m for m, c in zip(b.exp_avgs, b.counted) if c]
             gs = [g for g, c in zip(b.grads, b.counted) if c]
             if gs:
-                sums += local_sums(ms, gs, first).to(device)
+                sums += (fused_kernels().global_sums(ms, gs, first) if b.path == "fused" else
+                         local_sums(ms, gs, first)).to(device)
         return sums
 
     def _update(self, b: _Bucket, clip: Optional[tuple[Tensor, Tensor]],
                 temps: Optional[list[Tensor]] = None) -> None:
         """SPEC section 3 steps 3-6 for one bucket. `clip` is fp32 (alpha, beta) of g' = alpha*g + beta*m,
         None for g' = g. `temps` (shaped like the grads) receive the step's one temporary; None: fresh."""
-        fe, group = b.foreach, b.group
+        fe, group = b.path == "foreach", b.group
         b1, b2 = group["betas"]
         lr, a, bb, eps = group["lr"], group["atan2_a"], group["atan2_b"], group["eps"]
         grads, exp_avgs, exp_avg_sqs = b.grads, b.exp_avgs, b.exp_avg_sqs
@@ -325,8 +371,7 @@ class MoClip(torch.optim.Optimizer):
         _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
         _each(fe, "mul_", exp_avg_sqs, b2)
         _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
-        bc1 = [1.0 - b1 ** t for t in b.steps]
-        bc2_sqrt = [math.sqrt(1.0 - b2 ** t) for t in b.steps]
+        bc1, bc2_sqrt = (list(c) for c in zip(*(bias_corrections(group["betas"], t) for t in b.steps)))
         denom = _each(fe, "sqrt", exp_avg_sqs) if temps is None else \
             [torch.sqrt(v, out=u) for v, u in zip(exp_avg_sqs, temps)]
         if eps is None:
@@ -343,6 +388,18 @@ class MoClip(torch.optim.Optimizer):
             ratio(m, u, out=u)
         decoupled_update_(b.params, denom, lr * a, lr * group["weight_decay"], foreach=fe)
 
+    @staticmethod
+    def _update_fused(b: _Bucket, clip: Optional[tuple[Tensor, Tensor]]) -> None:
+        """The same steps as `_update`, one Triton launch per tensor."""
+        group = b.group
+        for p, g, m, v, t in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps):
+            bc1, bc2_sqrt = bias_corrections(group["betas"], t)
+            fused_kernels().update_(
+                p, g, m, v, clip, beta1=group["betas"][0], beta2=group["betas"][1],
+                atan2_scale=group["atan2_b"] * bc1 / bc2_sqrt, bias_correction1=bc1,
+                bias_correction2_sqrt=bc2_sqrt, eps=group["eps"], step_size=group["lr"] * group["atan2_a"],
+                decay=group["lr"] * group["weight_decay"])
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = run_closure(closure)
@@ -357,7 +414,10 @@ class MoClip(torch.optim.Optimizer):
         unclipped = first or self.max_angle >= 180.0 or (device.type == "cpu" and not bool(clip.clipped))
         applied = None if unclipped else (clip.alpha.float(), clip.beta.float())
         for b in buckets:
-            if b.foreach:
+            if b.path == "fused":
+                self._update_fused(b, applied)
+                continue
+            if b.path == "foreach":
                 self._update(b, applied)
                 continue
             # Per-tensor path: block by block on CPU, all blocks sharing one buffer for the temporary.
