@@ -8,7 +8,7 @@ momentum, so MoClip clips on every step (its most expensive path). On a shared m
 carries other jobs' noise; the minimum is the best estimate of an undisturbed step. The row marked `*` is
 MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; on accelerators the Triton
 kernels, row "MoClip(fused)", shown only there); AdamW(fused), torch's single-kernel AdamW, is printed for
-context.
+context, as is AdamW(per-tensor), torch's default on CPU.
 
     python tools/bench_optimizer.py --params 100e6 --reps 7
 """
@@ -78,6 +78,7 @@ def main() -> None:
           + (f" (blocks of {CPU_BLOCK_NUMEL} elements)" if device.type == "cpu" else ""))
     optimizers = {
         "AdamW(foreach)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
+        "AdamW(per-tensor)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=False)),
         "AdamW(fused)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
         "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True, fused=False)),
         "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False)),
