@@ -16,15 +16,17 @@ distributed-optimizer checkpointing expects. The step count `t` is each paramete
 all parameters unless some had no gradient on some step; parameters without a gradient are skipped, as
 torch's optimizers do).
 
+Three code paths: the Triton kernels (`kernels/moclip.py`: one pass over memory for the sums, one for the
+update; the default on CUDA/NPU when triton imports), the multi-tensor path (`torch._foreach_*`) and the
+per-tensor path (the default on CPU, block by block). The two PyTorch paths run the same ops on the same
+sums (equal to the last bit up to CPU kernels' scalar tails); the kernels agree with them to rounding.
+
 Precision: partial sums are fp32 reductions accumulated across tensors and ranks in float64; the clip
 scalars are float64, applied to fp32 tensors. On accelerators the fp32 reductions are whole tensors
-(`_foreach_norm`, `torch.dot`: tree reductions); on CPU, whose fp32 reductions lose precision with length
-(|g|^2 of a 16M-element tensor is off by 1e-3 relative), they are `torch.dot` over blocks of
-`CPU_BLOCK_NUMEL` elements, which also reads g and m once for all three sums. Both paths of one device
-(multi-tensor, per-tensor) use the same sums and give identical numbers.
-Three code paths, one set of numbers (to rounding): the Triton kernels (`kernels/moclip.py`: one pass for
-the sums, one for the update; the default on CUDA/NPU when triton imports), the multi-tensor path
-(`torch._foreach_*`) and the per-tensor path (the default on CPU).
+(tree reductions); on CPU, whose fp32 reductions lose precision with length (|g|^2 of a 16M-element
+tensor is off by 1e-3 relative), they are `torch.dot` over blocks of `CPU_BLOCK_NUMEL` elements, which
+also reads g and m once for all three sums.
+
 On accelerators the step never synchronises with the host: the scalars stay on the device, g' is built
 whenever clipping is possible (alpha = 1, beta = 0 when it did not fire) and `last_stats` holds tensors (call
 `MoClipStats.as_floats()`, which syncs, only when logging). On CPU, where reading a flag costs nothing,
