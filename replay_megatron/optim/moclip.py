@@ -81,7 +81,7 @@ class MoClipStats:
 
 @dataclass
 class _Bucket:
-    """Parameters of one param group on one device with one dtype: the unit of a multi-tensor call."""
+    """Parameters of one param group, device, dtype and code path: the unit of a multi-tensor call."""
 
     group: dict
     path: str  # "fused" (Triton kernels), "foreach" (multi-tensor) or "per-tensor"
