@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from replay_megatron_kernels.grid import capped_grid
+
 SUMS_BLOCK = 4096
 UPDATE_BLOCK = 1024
 
@@ -25,14 +27,21 @@ UPDATE_BLOCK = 1024
 @triton.jit
 def _global_sums_kernel(g_ptr, m_ptr, out_ptr, n, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n
-    g = tl.load(g_ptr + offs, mask=live, other=0.0)
-    tl.store(out_ptr + pid * 3 + 2, tl.sum(g * g, axis=0))
-    if not FIRST:  # on the first step m_0 = 0: the caller's zeros stand
-        m = tl.load(m_ptr + offs, mask=live, other=0.0)
-        tl.store(out_ptr + pid * 3, tl.sum(m * g, axis=0))
-        tl.store(out_ptr + pid * 3 + 1, tl.sum(m * m, axis=0))
+    dot = tl.zeros([], tl.float32)
+    mm = tl.zeros([], tl.float32)
+    gg = tl.zeros([], tl.float32)
+    for start in range(pid.to(tl.int64) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < n
+        g = tl.load(g_ptr + offs, mask=live, other=0.0)
+        gg += tl.sum(g * g, axis=0)
+        if not FIRST:  # on the first step m_0 = 0
+            m = tl.load(m_ptr + offs, mask=live, other=0.0)
+            dot += tl.sum(m * g, axis=0)
+            mm += tl.sum(m * m, axis=0)
+    tl.store(out_ptr + pid * 3, dot)
+    tl.store(out_ptr + pid * 3 + 1, mm)
+    tl.store(out_ptr + pid * 3 + 2, gg)
 
 
 @triton.jit
@@ -51,26 +60,27 @@ def _atan_of_nonnegative(x):
 def _update_kernel(p_ptr, g_ptr, m_ptr, v_ptr, alpha_ptr, beta_ptr, n, lerp_weight, beta2, sq_weight,
                    atan2_scale, bias_correction1, bias_correction2_sqrt, eps, step_size, keep,
                    CLIP: tl.constexpr, ATAN2: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n
-    g = tl.load(g_ptr + offs, mask=live, other=0.0)
-    m = tl.load(m_ptr + offs, mask=live, other=0.0)
-    v = tl.load(v_ptr + offs, mask=live, other=0.0)
-    if CLIP:
-        g = tl.load(alpha_ptr) * g + tl.load(beta_ptr) * m
-    m = m + lerp_weight * (g - m)  # torch.lerp's form for weights below 0.5
-    v = v * beta2 + sq_weight * (g * g)
-    tl.store(m_ptr + offs, m, mask=live)
-    tl.store(v_ptr + offs, v, mask=live)
-    root = tl.sqrt(v)
-    if ATAN2:  # atan2(m, c*sqrt(v)) with c*sqrt(v) >= 0: sign(m) * atan(|m| / (c*sqrt(v))), atan2(0, 0) = 0
-        mag = tl.abs(m)
-        angle = _atan_of_nonnegative(tl.where(mag == 0.0, 0.0, mag / (atan2_scale * root)))
-        step = tl.where(m < 0.0, -angle, angle)
-    else:
-        step = m / (bias_correction1 * (root / bias_correction2_sqrt + eps))
-    p = tl.load(p_ptr + offs, mask=live, other=0.0)
-    tl.store(p_ptr + offs, p * keep - step_size * step, mask=live)
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < n
+        g = tl.load(g_ptr + offs, mask=live, other=0.0)
+        m = tl.load(m_ptr + offs, mask=live, other=0.0)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0)
+        if CLIP:
+            g = tl.load(alpha_ptr) * g + tl.load(beta_ptr) * m
+        m = m + lerp_weight * (g - m)  # torch.lerp's form for weights below 0.5
+        v = v * beta2 + sq_weight * (g * g)
+        tl.store(m_ptr + offs, m, mask=live)
+        tl.store(v_ptr + offs, v, mask=live)
+        root = tl.sqrt(v)
+        if ATAN2:  # atan2(m, c*sqrt(v)) with c*sqrt(v) >= 0: sign(m) * atan(|m| / (c*sqrt(v))), atan2(0, 0) = 0
+            mag = tl.abs(m)
+            angle = _atan_of_nonnegative(tl.where(mag == 0.0, 0.0, mag / (atan2_scale * root)))
+            step = tl.where(m < 0.0, -angle, angle)
+        else:
+            step = m / (bias_correction1 * (root / bias_correction2_sqrt + eps))
+        p = tl.load(p_ptr + offs, mask=live, other=0.0)
+        tl.store(p_ptr + offs, p * keep - step_size * step, mask=live)
 
 
 def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -82,14 +92,13 @@ def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def global_sums(exp_avgs: list[torch.Tensor], grads: list[torch.Tensor], first: bool) -> torch.Tensor:
     """[<m, g>, |m|^2, |g|^2] over the tensor lists, float64, on their device (no host sync)."""
-    blocks = [triton.cdiv(g.numel(), SUMS_BLOCK) for g in grads]
-    partials = torch.zeros(sum(blocks), 3, dtype=torch.float32, device=grads[0].device)
+    grids = [capped_grid(triton.cdiv(g.numel(), SUMS_BLOCK)) for g in grads]
+    partials = torch.empty(sum(grid[0] for grid in grids), 3, dtype=torch.float32, device=grads[0].device)
     start = 0
-    for m, g, count in zip(exp_avgs, grads, blocks):
-        if count:
-            _global_sums_kernel[(count,)](_flat(g, "grad"), _flat(m, "exp_avg"), partials[start:start + count],
-                                          g.numel(), FIRST=first, BLOCK=SUMS_BLOCK)
-        start += count
+    for m, g, grid in zip(exp_avgs, grads, grids):  # a program's partials: its blocks' fp32 sums
+        _global_sums_kernel[grid](_flat(g, "grad"), _flat(m, "exp_avg"), partials[start:start + grid[0]],
+                                  g.numel(), FIRST=first, BLOCK=SUMS_BLOCK)
+        start += grid[0]
     return partials.double().sum(0)
 
 
@@ -106,7 +115,7 @@ def update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     flat = [_flat(t, name) for t, name in ((param, "param"), (grad, "grad"), (exp_avg, "exp_avg"),
                                             (exp_avg_sq, "exp_avg_sq"))]
     alpha, beta = clip if clip is not None else (flat[2], flat[2])  # unread when CLIP is off
-    _update_kernel[(triton.cdiv(n, UPDATE_BLOCK),)](
+    _update_kernel[capped_grid(triton.cdiv(n, UPDATE_BLOCK))](
         *flat, alpha, beta, n, 1.0 - beta1, beta2, 1.0 - beta2, atan2_scale, bias_correction1,
         bias_correction2_sqrt, 0.0 if eps is None else eps, step_size, 1.0 - decay,
         CLIP=clip is not None, ATAN2=eps is None, BLOCK=UPDATE_BLOCK)

@@ -4,7 +4,8 @@ As in test_restricted_ce_triton.py, the comparisons run in one spawned process t
 before anything imports triton. Covered: the flat float64 SPEC reference over 20 steps (1e-6; both clip
 modes, clipping on some steps only, Adam-atan2 with a != b), the PyTorch per-tensor path (two param
 groups, Adam's eps variant, beside a bf16 and a non-contiguous parameter that stay on the PyTorch path),
-and the three global sums on ragged tensor sizes against float64.
+a grid capped below the number of blocks (kernels/grid.py: programs loop), and the three global sums on
+ragged tensor sizes (an empty tensor included) against float64.
 """
 from __future__ import annotations
 
@@ -42,8 +43,17 @@ def _kernels_vs_references() -> dict[str, object]:
         fused, fused_stats = train_mixed_case(fused=True, **extra)
         plain, plain_stats = train_mixed_case(fused=False, **extra)
         out[f"paths {extra}"] = (_max_abs_diff(fused, plain), fused_stats, plain_stats)
+    from replay_megatron_kernels import grid
+    grid.MAX_PROGRAMS = 2  # (Ascend caps grids) every program loops over several blocks from here on
+    for fused in (True, False):
+        big = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5000))
+        opt = MoClip([big], lr=1e-2, weight_decay=0.1, max_angle=30.0, fused=fused)
+        for step in range(4):
+            big.grad = torch.randn(5000, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        out[f"capped grid fused={fused}"] = (big.detach().clone(), opt.last_stats.as_floats())
     gen = torch.Generator().manual_seed(0)
-    sizes = (4096 * 2 + 5, 1, 4096, 33)
+    sizes = (4096 * 2 + 5, 1, 4096, 33, 0)
     ms = [torch.randn(n, generator=gen) for n in sizes]
     gs = [torch.randn(n, generator=gen) for n in sizes]
     m, g = torch.cat(ms).double(), torch.cat(gs).double()
@@ -66,6 +76,10 @@ def test_kernels_equal_references_under_interpreter():
         assert fused_stats["clipped_steps"] == plain_stats["clipped_steps"] > 0
         assert fused_stats["cos_phi"] == pytest.approx(plain_stats["cos_phi"], abs=1e-6)
         assert fused_stats["grad_norm"] == pytest.approx(plain_stats["grad_norm"], rel=1e-6)
+    (fused, fused_stats), (plain, plain_stats) = out["capped grid fused=True"], out["capped grid fused=False"]
+    assert (fused - plain).abs().max().item() < 1e-6
+    assert fused_stats["clipped_steps"] == plain_stats["clipped_steps"] > 0
+    assert fused_stats["cos_phi"] == pytest.approx(plain_stats["cos_phi"], abs=1e-6)
     sums, first, exact = out["sums"]
     torch.testing.assert_close(sums, exact, rtol=1e-6, atol=0)
     torch.testing.assert_close(first, torch.tensor([0.0, 0.0, exact[2].item()], dtype=torch.float64),

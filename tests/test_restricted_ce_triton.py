@@ -4,8 +4,9 @@ Triton decides at import time whether its own library functions are interpreted,
 one spawned process that has TRITON_INTERPRET=1 before anything imports triton (in this pytest process
 megatron or another test may already have imported it). The grid covers ragged C across several candidate
 blocks, N not a multiple of anything, H not a power of two and above one H block, H=1, bf16
-inputs, the KL (soft-target) form, each gradient alone, and dW added into a megatron-style main_grad
-(fp32 straight from the kernel; bf16 through an fp32 scratch). (The kernel under TP=2 is in
+inputs, the KL (soft-target) form, each gradient alone, dW added into a megatron-style main_grad
+(fp32 straight from the kernel; bf16 through an fp32 scratch), and a grid capped below the number of
+positions (kernels/grid.py). (The kernel under TP=2 is in
 test_restricted_ce_tp.py.)
 """
 from __future__ import annotations
@@ -79,11 +80,15 @@ def _kernel_vs_op() -> list[tuple[str, str, float, float]]:
         results += [("single", *r) for r in _single_gradient(trainable)]
     for dtype in (torch.float32, torch.bfloat16):
         results += [("main_grad", *r) for r in _main_grad(dtype)]
+    from replay_megatron_kernels import grid
+    grid.MAX_PROGRAMS = 4  # 37 positions on 4 programs: each loops over its share (Ascend caps grids)
+    hidden, weight, candidates, targets, _ = make_case(99, n=37, h=24, v=53, c=9)
+    results += [("capped grid", *r) for r in _compare(restricted_cross_entropy, hidden, weight, candidates, targets)]
     return results
 
 
 def test_kernel_equals_pytorch_op_under_interpreter():
     (results,) = run_local(_kernel_vs_op, 1, env={"TRITON_INTERPRET": "1"})
-    assert len(results) == 3 * 2 * len(SHAPES) + 3 + 2 + 2
+    assert len(results) == 3 * 2 * len(SHAPES) + 3 + 2 + 2 + 3
     bad = [r for r in results if not r[2] < r[3]]
     assert not bad, bad
