@@ -37,13 +37,13 @@ def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list
 
 def step_timer(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], tuple[float, float]]:
     """A function timing one `opt.step()`: (wall seconds, process CPU seconds)."""
+    sync = (lambda: None) if device.type == "cpu" else getattr(torch, device.type).synchronize  # cuda, npu
+
     def run() -> tuple[float, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         wall, cpu = time.perf_counter(), time.process_time()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - wall, time.process_time() - cpu
     return run
 
