@@ -115,7 +115,7 @@ def test_base_weights_choice(run, tmp_path):
         base_weights(load_config(run["config"]), tmp_path)
 
 
-def test_missing_inputs_are_named(run, tmp_path, capsys):
+def test_missing_inputs_are_named(run, tmp_path, capsys, monkeypatch):
     from replay_megatron.cli.main import main
 
     assert main(["eval", "--config", run["config"], "--run-dir", str(tmp_path / "nothing")]) == 2
@@ -123,3 +123,11 @@ def test_missing_inputs_are_named(run, tmp_path, capsys):
     assert main(["eval", "--config", run["config"], "eval.base_checkpoint=missing_base"]) == 2
     err = capsys.readouterr().err
     assert str(run["root"] / "missing_base") in err and "eval.base_checkpoint" in err
+    # the domain data's databases are checked before any model is built, not after the perplexities
+    lonely = tmp_path / "domain.jsonl"
+    lonely.write_text(json.dumps({"prompt": "q", "response": "SELECT 1", "db_id": "d"}) + "\n")
+    with monkeypatch.context() as patch:
+        patch.setattr("replay_megatron.platform.distributed.initialize",
+                      lambda **_: pytest.fail("eval started work before refusing its domain data"))
+        assert main(["eval", "--config", run["config"], f"eval.domain.data={lonely}"]) == 2
+    assert str(tmp_path / "databases") in capsys.readouterr().err

@@ -130,3 +130,11 @@ def test_cli_and_missing_metrics(runs, tmp_path, capsys):
     (bare / "metrics.jsonl").unlink()
     assert main(["report", str(replay), str(bare), "--out", str(tmp_path / "o")]) == 2
     assert f"{bare / 'metrics.jsonl'}: no metrics" in capsys.readouterr().err
+
+
+def test_a_broken_replay_store_is_refused_naming_the_file(runs, tmp_path, capsys):
+    replay, _, store = runs
+    shard = store / "shard-00000" / "k.npy"
+    shard.unlink()
+    assert main(["report", str(replay), "--out", str(tmp_path / "o")]) == 2
+    assert str(shard) in capsys.readouterr().err

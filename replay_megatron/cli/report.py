@@ -22,12 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
+    from replay_megatron.replay.store import ReplayStoreError
     from replay_megatron.reporting.report import REPORT_MD, write_report
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) if len(args.run_dirs) == 1 else Path("report")
     try:
         report = write_report(args.run_dirs, out)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ReplayStoreError) as e:
         print(f"replay-megatron report: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {out / REPORT_MD} ({len(report['runs'])} runs, {len(report['plots'])} plots)")

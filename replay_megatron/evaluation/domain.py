@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-DATABASES_DIR = "databases"  # beside the domain JSONL (demo.generate.DATABASES_DIR)
+from replay_megatron.demo.generate import DATABASES_DIR
+
 
 
 def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
@@ -38,6 +39,14 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[dic
     if not examples:
         raise ValueError(f"eval.domain.data: {path} holds no examples")
     return examples
+
+
+def databases_of(data: str | os.PathLike) -> Path:
+    """The SQLite databases directory of a domain JSONL (beside it); names it when it is missing."""
+    db_dir = Path(data).parent / DATABASES_DIR
+    if not db_dir.is_dir():
+        raise FileNotFoundError(f"{db_dir}: the SQLite databases of {data} are missing")
+    return db_dir
 
 
 @torch.no_grad()
@@ -75,9 +84,7 @@ def domain_accuracy(hf_dir: str | os.PathLike, tokenizer_path: str | os.PathLike
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no HF export (config.json missing; run train with train.export_hf)")
     examples = read_examples(data, limit)
-    db_dir = Path(data).parent / DATABASES_DIR
-    if not db_dir.is_dir():
-        raise FileNotFoundError(f"{db_dir}: the SQLite databases of {data} are missing")
+    db_dir = databases_of(data)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
     from replay_megatron.platform.cpu_adapter import factories_restored

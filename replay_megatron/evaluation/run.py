@@ -64,12 +64,15 @@ def preflight(cfg, run_dir: Path) -> dict[str, Any]:
         TokenDataset(eval_data)  # names the path when it is not a token store
     hf_export = run_dir / layout_of_run.HF_EXPORT
     if cfg.eval.domain is not None:
+        from replay_megatron.evaluation.domain import databases_of, read_examples
+
         if cfg.data.tokenizer is None:
             raise ValueError("eval.domain needs data.tokenizer (prompts are encoded as in training)")
-        for path, field in ((cfg.input_path(cfg.data.tokenizer), "data.tokenizer"),
-                            (cfg.input_path(cfg.eval.domain.data), "eval.domain.data")):
-            if not path.exists():
-                raise FileNotFoundError(f"{field}: {path} does not exist")
+        if not cfg.input_path(cfg.data.tokenizer).exists():
+            raise FileNotFoundError(f"data.tokenizer: {cfg.input_path(cfg.data.tokenizer)} does not exist")
+        domain_data = cfg.input_path(cfg.eval.domain.data)
+        read_examples(domain_data, cfg.eval.domain.limit)  # its JSONL and databases, before any work
+        databases_of(domain_data)
     return {"final": final, "base": base_weights(cfg, run_dir), "eval_data": eval_data,
             "hf_export": hf_export if (hf_export / "config.json").is_file() else None}
 

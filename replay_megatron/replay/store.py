@@ -435,10 +435,15 @@ class ReplayStore:
             covered_mass=torch.from_numpy(np.array(shard["covered_mass"][r0:r1], np.float32)),
             candidate_logits=logits, lse=lse)
 
+    def k_values(self) -> np.ndarray:
+        """K_t of every stored position (candidate counts before the gold append), read from the shards'
+        k columns without decoding any sample."""
+        return np.concatenate([np.asarray(s["k"], np.int64) for s in self._shards] or [np.empty(0, np.int64)])
+
     def summary(self) -> dict[str, float | int]:
         """Positions stored, K_t statistics, gold-appended rate, mean covered mass, bytes per position and
         storage as a fraction of full fp16 logits (2*V bytes per position)."""
-        k = np.concatenate([np.asarray(s["k"], np.int64) for s in self._shards] or [np.empty(0, np.int64)])
+        k = self.k_values()
         gold = np.concatenate([np.asarray(s["gold_index"], np.int64) for s in self._shards] or [np.empty(0, np.int64)])
         mass = np.concatenate([np.asarray(s["covered_mass"]) for s in self._shards] or [np.empty(0, np.float32)])
         n = int(k.size)

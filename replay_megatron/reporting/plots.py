@@ -58,9 +58,7 @@ def k_values(store_dir: Path) -> np.ndarray:
     """K_t of every stored position of a replay store (per-position candidate counts before gold append)."""
     from replay_megatron.replay.store import ReplayStore
 
-    store = ReplayStore.open(store_dir, verify=False)
-    parts = [store.get(int(sid)).k.numpy() for sid in store.sample_ids()]
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return ReplayStore.open(store_dir, verify=False).k_values()
 
 
 def k_histogram(store_dir: Path, label: str, path: Path) -> Path | None:

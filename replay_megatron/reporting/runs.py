@@ -127,7 +127,7 @@ def run_row(data: RunData) -> dict[str, Any]:
     row = {
         "run_dir": str(data.run_dir), "name": data.config.run.name if data.config else data.run_dir.name,
         "method": method_name(data),
-        "steps": data.summary["steps"] if data.summary else (data.metrics[-1]["step"] if data.metrics else None),
+        "steps": (data.summary or {}).get("steps") or (data.metrics[-1]["step"] if data.metrics else None),
         "final_loss": final_loss,
         "loss_std": stability.get("loss_std"), "grad_norm_cv": stability.get("grad_norm_cv"),
         "spike_count": stability.get("spike_count"),
