@@ -196,6 +196,17 @@ def test_missing_paths_are_named(demo, tmp_path, capsys):
     assert main(["preprocess", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tok_path),
                  "--out", str(tmp_path / "s"), "--seq-length", "8"]) == 2
     assert f"input file not found: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
+    # a missing later --input is refused before the first one overwrites anything
+    d, _ = demo
+    first = str(d / SPLIT_FILES["domain_heldout"])
+    common = ["--tokenizer", str(tok_path), "--out", str(tmp_path / "s"), "--seq-length", "8", "--no-progress"]
+    assert main(["preprocess", "--input", first, *common]) == 0
+    before = TokenDataset(tmp_path / "s").fingerprint
+    other = str(d / SPLIT_FILES["general_heldout"])
+    assert main(["preprocess", "--input", other, "--input", str(tmp_path / "later.jsonl"), "--overwrite",
+                 *common]) == 2
+    assert f"input file not found: {tmp_path / 'later.jsonl'}" in capsys.readouterr().err
+    assert TokenDataset(tmp_path / "s").fingerprint == before
     with pytest.raises(FileNotFoundError, match=f"not a token store \\(no meta.json\\): {tmp_path}"):
         TokenDataset(tmp_path)
     (tmp_path / "keep.txt").write_text("user data")

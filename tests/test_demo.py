@@ -74,6 +74,12 @@ def test_runner_names_the_failed_step_and_its_log(tmp_path):
     assert "missing.yaml" in (tmp_path / "logs" / "bad.log").read_text()
 
 
+def test_runner_names_an_unreadable_ledger(tmp_path):
+    (tmp_path / LEDGER).write_text("{truncated")
+    with pytest.raises(DemoError, match=f"{tmp_path / LEDGER}: unreadable .*delete it"):
+        Runner(tmp_path)
+
+
 def test_runner_refuses_outputs_outside_its_dir_and_unrun_upstream_steps(tmp_path):
     outside = Step("x", ("plan", "--help"), outputs=(tmp_path.parent / "elsewhere",), complete=lambda: True)
     with pytest.raises(DemoError, match="outside"):

@@ -29,18 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run every step (reusing finished ones), then print the report table and its path."""
-    from replay_megatron.config import ConfigError
     from replay_megatron.demo.pipeline import demo_steps, report_dir
     from replay_megatron.demo.runner import DemoError, Runner
 
     out = Path(args.out or ("demo_out_quick" if args.quick else "demo_out")).resolve()
     try:
         steps = demo_steps(out, quick=args.quick, seed=args.seed, config_dir=args.configs)
-    except (ConfigError, ValueError) as e:
+        out.mkdir(parents=True, exist_ok=True)
+        runner = Runner(out)
+    except (ValueError, DemoError) as e:  # a bad config (ConfigError is a ValueError) or an unreadable ledger
         print(f"replay-megatron demo: error: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out)
     start = time.monotonic()
     print(f"demo{' (quick)' if args.quick else ''}: {len(steps)} steps into {out}", flush=True)
     try:

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from replay_megatron.data.preprocess import DataError, preprocess
 
+    from pathlib import Path
+
+    missing = [path for path in args.input if not Path(path).is_file()]
+    if missing:  # all inputs first: a later missing one must not leave an overwritten store half-built
+        print(f"replay-megatron preprocess: error: input file not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
     mode = "append" if args.append else "overwrite" if args.overwrite else "create"
     for i, path in enumerate(args.input):
         try:

@@ -83,7 +83,7 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None,
 
     def make_data(name: str, where: Path, sizes: DemoDataConfig) -> Step:
         return Step(name, ("make-demo-data", "--out", str(where), *data_args(sizes)), outputs=(where,),
-                    complete=lambda: (where / "manifest.json").is_file())
+                    complete=lambda: (where / "manifest.json").is_file() and (where / TOKENIZER_FILE).is_file())
 
     steps = [make_data("data", data_dir, DemoDataConfig.quick() if quick else DemoDataConfig()),
              make_data("data-pretrain-domain", mix_dir, QUICK_PRETRAIN_DOMAIN if quick else PRETRAIN_DOMAIN)]

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -49,7 +49,6 @@ class Step:
     ranks: int = 1
     after: tuple[str, ...] = ()  # steps whose outputs this one reads
     config_content: str = ""  # the resolved config the command runs (any change re-runs the step)
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def launch_argv(step: Step) -> list[str]:
@@ -64,7 +63,6 @@ def _child_env(step: Step) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // step.ranks)))
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(step.env)
     return env
 
 
@@ -75,7 +73,12 @@ class Runner:
         self.out_dir = out_dir.resolve()
         self.stream = stream
         self.ledger_path = self.out_dir / LEDGER
-        self.ledger: dict[str, dict] = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
+        self.ledger: dict[str, dict] = {}
+        if self.ledger_path.is_file():
+            try:
+                self.ledger = json.loads(self.ledger_path.read_text())
+            except ValueError as e:
+                raise DemoError(f"{self.ledger_path}: unreadable ({e}); delete it to re-run every step") from e
         self.t0 = time.monotonic()
 
     def say(self, text: str) -> None:
