@@ -134,13 +134,17 @@ def config_path(tmp_path_factory) -> str:
     return str(path)
 
 
+# a small cap makes MoClip clip on most steps, so a resume that lost its running clip counts shows in clip_rate
+CLIPPING = ["optimizer.max_angle=5"]
+
+
 def _curve(metrics: list[dict]) -> list[tuple]:
     return [tuple(r.get(k) for k in CURVE_KEYS) for r in metrics]
 
 
 @pytest.fixture(scope="module")
 def single_rank_runs(config_path) -> dict[str, dict]:
-    eval_off = ["data.eval=null"]
+    eval_off = ["data.eval=null", *CLIPPING]
     runs = {
         "uninterrupted": (["run.name=uninterrupted", *eval_off], {"weights": True}),
         "crashed": (["run.name=crashed", *eval_off], {"stop_after_steps": 4}),
@@ -164,6 +168,7 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run_exactly(single_rank_ru
     # the crash after step 4 left metrics of step 4 but only the step-3 checkpoint: step 4 is redone
     assert len(single_rank_runs["crashed"]["metrics"]) == 4
     assert single_rank_runs["crashed"]["checkpoints"] == ["iter_0000000", "iter_0000003"]
+    assert 0 < ref["metrics"][2]["clip_rate"] < 1  # clipped before the step-3 checkpoint, not on step 1
     assert _curve(resumed["metrics"]) == _curve(ref["metrics"])
     assert all(torch.equal(a, b) for a, b in zip(resumed["weights"], ref["weights"]))
     assert resumed["summary"]["stability"] == ref["summary"]["stability"]
@@ -207,7 +212,7 @@ def test_the_kl_term_vanishes_while_the_student_is_the_teacher(single_rank_runs)
 
 
 def resume_at_tp2_job(config_path: str) -> list[dict]:
-    return train_job(config_path, [(["run.name=layout", "data.eval=null",
+    return train_job(config_path, [(["run.name=layout", "data.eval=null", *CLIPPING,
                                      "parallel.tensor_model_parallel_size=2"], {})])
 
 
@@ -218,7 +223,7 @@ def test_resume_at_another_tensor_parallel_size_continues_the_curve(config_path,
     got = result["metrics"]
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for mine, theirs in zip(got[3:], ref[3:]):  # steps after the TP1 -> TP2 resume
-        for key in ("loss", "grad_norm", "cos_phi"):
+        for key in ("loss", "grad_norm", "cos_phi", "clip_rate"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
 
 

@@ -31,7 +31,6 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)  # OptimizerParamScheduler.state_dict()
-    moclip_counts: dict[str, int] | None = None  # MoClip.clip_counts (the running clip rate)
     parallel: dict[str, Any] = field(default_factory=dict)  # tp, pp, dp, distributed_optimizer
     config_fingerprint: str = ""
 
@@ -82,8 +81,10 @@ def read_train_state(checkpoint: Path) -> TrainState:
 
     path = checkpoint / layout_of_run.TRAIN_STATE
     try:
-        return TrainState(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        fields = json.loads(path.read_text())
+        fields.pop("moclip_counts", None)  # written by earlier versions; the optimizer checkpoint holds them
+        return TrainState(**fields)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable train state ({e})") from None
 
 

@@ -249,10 +249,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     latest = layout_of_run.latest_checkpoint(run_dir)
     if latest is not None:
         state, optimizer_loaded = load_checkpoint(latest, model, optimizer, hf, parallel)
-        scheduler.load_state_dict(state.scheduler)
-        moclip = _moclip(optimizer)
-        if moclip is not None and optimizer_loaded and state.moclip_counts is not None:
-            moclip.clip_counts = state.moclip_counts
+        scheduler.load_state_dict(state.scheduler)  # (MoClip's clip counts come with the optimizer state)
         if layout.rank == 0:
             fresh = "" if optimizer_loaded else (f"; saved at layout {state.parallel}, now {parallel}: weights and "
                                                  "data position loaded, optimizer state starts fresh")
@@ -328,8 +325,6 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
 
 def _save(run_dir: Path, state: TrainState, model, optimizer, scheduler, hf) -> None:
     state.scheduler = scheduler.state_dict()
-    moclip = _moclip(optimizer)
-    state.moclip_counts = moclip.clip_counts if moclip is not None else None
     save_checkpoint(run_dir, state, model, optimizer, hf)
 
 
