@@ -132,9 +132,9 @@ def _add_weight_grad(dw_out: torch.Tensor, dzr: torch.Tensor, rows: torch.Tensor
     vocab_rows, order = rows[live].sort()
     positions, dz, h = live.nonzero()[:, 0][order], dzr[live][order], hidden.float()
     v, block = dw_out.shape[0], max(1, _WGRAD_BLOCK_BYTES // (4 * hidden.shape[1]))
-    starts = torch.arange(0, v + block, block, device=rows.device).clamp(max=v)
-    bounds = torch.searchsorted(vocab_rows, starts).tolist()
-    for a, lo, hi in zip(starts.tolist(), bounds, bounds[1:]):
+    starts = [min(a, v) for a in range(0, v + block, block)]
+    bounds = torch.searchsorted(vocab_rows, torch.tensor(starts, device=rows.device)).tolist()  # one sync
+    for a, lo, hi in zip(starts, bounds, bounds[1:]):
         if lo < hi:
             b = min(a + block, v)
             offsets = torch.searchsorted(vocab_rows[lo:hi], torch.arange(a, b, device=rows.device))
