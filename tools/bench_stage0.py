@@ -64,7 +64,7 @@ def main() -> None:
     from replay_megatron.data.dataset import make_batch
     from replay_megatron.models.forward import pipeline_forward
     from replay_megatron.models.presets import preset
-    from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.qwen3 import build_stage
     from replay_megatron.platform.distributed import initialize, shutdown
     from replay_megatron.replay.collect import CollectSettings, select_records
     from replay_megatron.replay.store import ReplayStore, ReplayStoreWriter, finalize_store
@@ -74,8 +74,7 @@ def main() -> None:
                 max_position_embeddings=max(4096, args.seq))
     layout = initialize(device=args.device, tp=1, pp=1, seed=0, num_layers=args.layers)
     device = layout.device.torch_device
-    model = build_model(hf, transformer_config(hf, tp=1, pp=1, params_dtype="fp32"), pre_process=True,
-                        post_process=True).to(device).eval()
+    model = build_stage(hf, layout).eval()
     with torch.no_grad():
         model.decoder.final_layernorm.weight.mul_(args.logit_scale)
     g = torch.Generator().manual_seed(0)

@@ -190,15 +190,14 @@ def load_megatron(model: torch.nn.Module, directory: str | os.PathLike, hf: Mapp
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, device: str = "cpu") -> None:
     """On each of TP*PP ranks: build this stage of the model, load its HF shard, save it (dist checkpoint)."""
     from replay_megatron.models.conversion import load_hf_into_model
-    from replay_megatron.models.qwen3 import build_model, transformer_config
+    from replay_megatron.models.qwen3 import build_stage
     from replay_megatron.platform.distributed import initialize, shutdown
 
     hf = read_hf_config(hf_dir)
     check_tp_fits(hf, tp)
     layout = initialize(device=device, tp=tp, pp=pp, num_layers=hf["num_hidden_layers"])
     try:
-        config = transformer_config(hf, tp=tp, pp=pp, params_dtype=hf_params_dtype(hf))
-        model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
+        model = build_stage(hf, layout, params_dtype=hf_params_dtype(hf))
         load_hf_into_model(model, LazySafetensors(hf_dir), hf, tp=tp, tp_rank=layout.tp_rank)
         save_megatron(model, out_dir, hf)
     finally:
