@@ -65,3 +65,13 @@ def evaluate_perplexity(model: torch.nn.Module, dataset: TokenDataset, *, seq_le
         raise ValueError(f"held-out set {dataset.path}: no loss-bearing tokens in the {n} samples evaluated")
     eval_loss = loss_sum / tokens
     return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": int(tokens)}
+
+
+def configured_perplexity(model: torch.nn.Module, dataset: TokenDataset, cfg, layout,
+                          vocab_size: int) -> dict[str, Any]:
+    """`evaluate_perplexity` with a run config's sequence length and eval batch settings, padding with
+    the dataset tokenizer's pad id (train's periodic eval and the `eval` command)."""
+    return evaluate_perplexity(model, dataset, seq_length=cfg.data.seq_length,
+                               micro_batch_size=cfg.eval.micro_batch_size, max_batches=cfg.eval.max_batches,
+                               pad_id=int(dataset.meta["tokenizer"].get("pad_id") or 0), layout=layout,
+                               vocab_size=vocab_size)

@@ -77,15 +77,6 @@ def preflight(cfg, run_dir: Path) -> dict[str, Any]:
             "hf_export": hf_export if (hf_export / "config.json").is_file() else None}
 
 
-def _perplexity(model, dataset, cfg, layout, vocab_size: int) -> dict[str, Any]:
-    from replay_megatron.evaluation.perplexity import evaluate_perplexity
-
-    return evaluate_perplexity(model, dataset, seq_length=cfg.data.seq_length,
-                               micro_batch_size=cfg.eval.micro_batch_size, max_batches=cfg.eval.max_batches,
-                               pad_id=int(dataset.meta["tokenizer"].get("pad_id") or 0), layout=layout,
-                               vocab_size=vocab_size)
-
-
 def _domain(cfg, hf_export: Path, device) -> dict[str, Any]:
     from replay_megatron.evaluation.domain import domain_accuracy
 
@@ -105,6 +96,7 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
     from replay_megatron.config import model_hf_config
     from replay_megatron.data.token_store import TokenDataset
     from replay_megatron.evaluation.distance import relative_l2_distance
+    from replay_megatron.evaluation.perplexity import configured_perplexity
     from replay_megatron.platform.distributed import initialize
 
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
@@ -125,8 +117,8 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
     }
     if paths["eval_data"] is not None:
         dataset = TokenDataset(paths["eval_data"])
-        before = _perplexity(base, dataset, cfg, layout, hf["vocab_size"])
-        after = _perplexity(final, dataset, cfg, layout, hf["vocab_size"])
+        before = configured_perplexity(base, dataset, cfg, layout, hf["vocab_size"])
+        after = configured_perplexity(final, dataset, cfg, layout, hf["vocab_size"])
         result.update(base=before, finetuned=after,
                       perplexity_change=after["perplexity"] - before["perplexity"],
                       perplexity_change_rel=(after["perplexity"] - before["perplexity"]) / before["perplexity"])

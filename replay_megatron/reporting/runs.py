@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replay_megatron.reporting.stability import stability_metrics
+from replay_megatron.reporting.stability import configured_stability, stability_metrics
 from replay_megatron.training import run_dir as layout_of_run
 
 
@@ -82,12 +82,9 @@ def _stability(data: RunData) -> dict[str, Any]:
     ok = [r for r in data.metrics if not r.get("skipped")]
     losses = [math.nan if r.get("loss") is None else r["loss"] for r in ok]
     norms = [math.nan if r.get("grad_norm") is None else r["grad_norm"] for r in ok]
-    window, sigma, skip = 50, 3.0, 0
     if data.config is not None:
-        log = data.config.logging
-        window, sigma = log.spike_window, log.spike_sigma
-        skip = data.config.optimizer.warmup_iters if log.stability_skip_iters is None else log.stability_skip_iters
-    return stability_metrics(losses, norms, window=window, sigma=sigma, skip=skip)
+        return configured_stability(losses, norms, data.config)
+    return stability_metrics(losses, norms)
 
 
 def method_name(data: RunData) -> str | None:

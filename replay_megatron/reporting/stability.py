@@ -37,6 +37,14 @@ def loss_spikes(losses: Sequence[float], *, window: int = 50, sigma: float = 3.0
     return spikes
 
 
+def configured_stability(losses: Sequence[float], grad_norms: Sequence[float], cfg) -> dict:
+    """`stability_metrics` with a run config's settings: its spike window and sigma, and its warm-up
+    (`logging.stability_skip_iters`, default `optimizer.warmup_iters`) left out."""
+    log = cfg.logging
+    skip = cfg.optimizer.warmup_iters if log.stability_skip_iters is None else log.stability_skip_iters
+    return stability_metrics(losses, grad_norms, window=log.spike_window, sigma=log.spike_sigma, skip=skip)
+
+
 def stability_metrics(losses: Sequence[float], grad_norms: Sequence[float], *, window: int = 50,
                       sigma: float = 3.0, skip: int = 0) -> dict:
     """SPEC.md section 5 stability metrics of one run's per-step `losses` and `grad_norms`.

@@ -353,15 +353,11 @@ class _EvalData:
         self.dataset = TokenDataset(cfg.input_path(cfg.data.eval))
 
     def run(self, model, step: int, logger: MetricsLogger | None) -> None:
-        from replay_megatron.evaluation.perplexity import evaluate_perplexity
+        from replay_megatron.evaluation.perplexity import configured_perplexity
 
         model.eval()
         with torch.no_grad():
-            result = evaluate_perplexity(
-                model.module, self.dataset, seq_length=self.cfg.data.seq_length,
-                micro_batch_size=self.cfg.eval.micro_batch_size, max_batches=self.cfg.eval.max_batches,
-                pad_id=int(self.dataset.meta["tokenizer"].get("pad_id") or 0), layout=self.layout,
-                vocab_size=self.vocab_size)
+            result = configured_perplexity(model.module, self.dataset, self.cfg, self.layout, self.vocab_size)
         model.train()
         if logger is not None:
             logger.log({"step": step, **result}, eval_record=True)
@@ -369,11 +365,10 @@ class _EvalData:
 
 def _write_summary(cfg, run_dir: Path, state: TrainState, status: str, planned: int) -> dict[str, Any]:
     """summary.json: the run's length, efficiency and stability metrics (SPEC.md section 5)."""
-    from replay_megatron.reporting.stability import stability_metrics
+    from replay_megatron.reporting.stability import configured_stability
 
     records = list(layout_of_run.read_jsonl(run_dir / layout_of_run.METRICS)) if cfg.logging.jsonl else []
     ok = [r for r in records if not r["skipped"]]
-    skip = cfg.logging.stability_skip_iters
     summary = {
         "status": status, "steps": state.step, "planned_steps": planned, "skipped_steps": state.skipped_steps,
         "consumed_samples": state.consumed_samples, "loss": cfg.train.loss, "optimizer": cfg.optimizer.name,
@@ -381,9 +376,7 @@ def _write_summary(cfg, run_dir: Path, state: TrainState, status: str, planned: 
         "median_step_time_s": statistics.median(r["step_time_s"] for r in records) if records else None,
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in records) if records else None,
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
-        "stability": stability_metrics([r["loss"] for r in ok], [r["grad_norm"] for r in ok],
-                                       window=cfg.logging.spike_window, sigma=cfg.logging.spike_sigma,
-                                       skip=cfg.optimizer.warmup_iters if skip is None else skip),
+        "stability": configured_stability([r["loss"] for r in ok], [r["grad_norm"] for r in ok], cfg),
     }
     if ok and "clip_rate" in ok[-1]:
         summary["moclip_clip_rate"] = ok[-1]["clip_rate"]
