@@ -104,6 +104,17 @@ def test_demo_steps_chain_every_stage_through_the_cli():
     assert len([s for s in full if s.command[0] == "train"]) == 5  # base + the four methods
 
 
+def test_the_collect_step_reruns_only_when_what_collect_reads_changes():
+    from replay_megatron.config import load_config
+    from replay_megatron.demo.pipeline import collect_step_inputs
+
+    def key(*overrides):
+        return collect_step_inputs(load_config(CONFIGS / "topk_moclip.yaml", list(overrides)))
+
+    assert key() == key("optimizer.lr=2e-3", "train.train_iters=3")  # the store stays
+    assert key() != key("collect.tau=0.9") and key() != key("run.seed=7")
+
+
 # --- demo --quick, end to end ----------------------------------------------------------------------------
 
 def _demo(out: Path) -> subprocess.CompletedProcess:

@@ -46,6 +46,12 @@ def _resolved(cfg) -> str:
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
 
+def collect_step_inputs(cfg) -> str:
+    """What a collect step reads of a method's config: a change elsewhere (optimizer, train) keeps its store."""
+    sections = cfg.model_dump(mode="json", include={"model", "data", "collect", "parallel", "platform"})
+    return json.dumps({**sections, "seed": cfg.run.seed}, sort_keys=True)
+
+
 def _ranks(cfg) -> int:
     return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
 
@@ -117,12 +123,15 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None,
     for name, (path, cfg) in methods.items():
         after = (PRETRAIN, *inputs(cfg))
         if cfg.train.loss == "replay":
-            store = cfg.input_path(cfg.train.replay_store)
+            store = cfg.input_path(cfg.collect.store_dir)
+            if cfg.input_path(cfg.train.replay_store) != store:
+                raise ValueError(f"{path}: train.replay_store must be the store the demo collects "
+                                 f"(collect.store_dir {store}), got {cfg.input_path(cfg.train.replay_store)}")
             if store not in collects:
                 collects[store] = f"collect-{store.name}"
                 steps.append(Step(collects[store], ("collect", str(path), *post_over), outputs=(store,),
                                   complete=lambda store=store: (store / "manifest.json").is_file(),
-                                  ranks=_ranks(cfg), after=after, config_content=_resolved(cfg)))
+                                  ranks=_ranks(cfg), after=after, config_content=collect_step_inputs(cfg)))
             after = (*after, collects[store])
         steps.append(Step(f"train-{name}", ("train", str(path), *post_over), outputs=(cfg.run_dir,),
                           complete=lambda cfg=cfg: _run_complete(cfg), ranks=_ranks(cfg), after=after,
