@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run every step (reusing finished ones), then print the report table and its path."""
+    from replay_megatron.cli._config_args import refuse
     from replay_megatron.demo.pipeline import demo_steps, report_dir
     from replay_megatron.demo.runner import DemoError, Runner
 
@@ -38,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         runner = Runner(out)
     except (ValueError, DemoError) as e:  # a bad config (ConfigError is a ValueError) or an unreadable ledger
-        print(f"replay-megatron demo: error: {e}", file=sys.stderr)
-        return 2
+        refuse("demo", e)
     start = time.monotonic()
     print(f"demo{' (quick)' if args.quick else ''}: {len(steps)} steps into {out}", flush=True)
     try:

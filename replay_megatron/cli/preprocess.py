@@ -24,22 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from replay_megatron.cli._config_args import refuse
     from replay_megatron.data.preprocess import DataError, preprocess
 
     from pathlib import Path
 
     missing = [path for path in args.input if not Path(path).is_file()]
     if missing:  # all inputs first: a later missing one must not leave an overwritten store half-built
-        print(f"replay-megatron preprocess: error: input file not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        refuse("preprocess", f"input file not found: {', '.join(missing)}")
     mode = "append" if args.append else "overwrite" if args.overwrite else "create"
     for i, path in enumerate(args.input):
         try:
             meta = preprocess(path, args.tokenizer, args.out, args.seq_length, fmt=args.format, workers=args.workers,
                               mode=mode if i == 0 else "append", progress=False if args.no_progress else None)
         except (DataError, FileNotFoundError, ValueError) as e:
-            print(f"replay-megatron preprocess: error: {e}", file=sys.stderr)
-            return 2
+            refuse("preprocess", e)
         _report(args, meta)
     return 0
 

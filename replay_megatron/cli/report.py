@@ -8,7 +8,6 @@ eval.json and the replay store are used when present ("-" otherwise). Exit codes
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "compare runs: report.md / report.json with stability, efficiency, forgetting and domain metrics, plots"
@@ -22,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
+    from replay_megatron.cli._config_args import refuse
     from replay_megatron.replay.store import ReplayStoreError
     from replay_megatron.reporting.report import REPORT_MD, write_report
 
@@ -29,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = write_report(args.run_dirs, out)
     except (ValueError, FileNotFoundError, ReplayStoreError) as e:
-        print(f"replay-megatron report: error: {e}", file=sys.stderr)
-        return 2
+        refuse("report", e)
     print(f"report: {out / REPORT_MD} ({len(report['runs'])} runs, {len(report['plots'])} plots)")
     for note in report["notes"]:
         print(f"  note: {note}")
