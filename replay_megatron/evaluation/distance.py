@@ -3,16 +3,18 @@ forgetting), for two models with the same TP/PP layout.
 
 Each rank sums over the parameters it counts under megatron-core's grad-norm rule
 (`optim.stats.counts_toward_global_stats`: a TP-replicated tensor such as a norm weight on TP rank 0 only,
-the last stage's copy of a tied embedding not at all), then one all-reduce over the model-parallel group
+the last stage's copy of a tied embedding not at all), then one collective over the model-parallel group
 (every TP rank and PP stage of a DP replica; DP replicas hold the same weights) gives every rank the
-logical model's sums. Sums are float64, so the result does not depend on TP/PP beyond round-off.
+logical model's sums. Sums are float64 (combined across ranks by `platform.exact_sum`, which HCCL carries),
+so the result does not depend on TP/PP beyond round-off.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
+
+from replay_megatron.platform.exact_sum import all_reduce_float64
 
 
 def relative_l2_distance(model: torch.nn.Module, base: torch.nn.Module) -> float:
@@ -36,8 +38,7 @@ def relative_l2_distance(model: torch.nn.Module, base: torch.nn.Module) -> float
             b64 = b.detach().double()
             sums[0] += (p.detach().double() - b64).square().sum()
             sums[1] += b64.square().sum()
-    dist.all_reduce(sums, group=ps.get_model_parallel_group())
-    diff_sq, base_sq = sums.tolist()
+    diff_sq, base_sq = all_reduce_float64(sums, group=ps.get_model_parallel_group()).tolist()
     if base_sq == 0:
         raise ValueError("relative_l2_distance: the base model's parameters are all zero")
     return math.sqrt(diff_sq) / math.sqrt(base_sq)

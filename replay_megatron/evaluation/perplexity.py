@@ -5,8 +5,8 @@ The first `max_batches * micro_batch_size` samples (all when `max_batches` is No
 Stage 0's order (`sequential_micro_batches`), so the evaluated set does not depend on DP, and run through
 megatron's forward-only pipeline schedule. On the last stage megatron's `vocab_parallel_cross_entropy` takes
 the vocab-parallel logits, padded vocabulary columns masked to -inf, and the per-token losses are summed
-over loss-bearing tokens. One all-reduce over the world, to which only TP rank 0 of each DP replica's last
-stage contributes, gives every rank the same (loss sum, token count).
+over loss-bearing tokens. One float64 sum over the world (`platform.exact_sum`), to which only TP rank 0 of
+each DP replica's last stage contributes, gives every rank the same (loss sum, token count).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from itertools import groupby
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from replay_megatron.data.dataset import GPTBatch, make_batch, sequential_micro_batches
 from replay_megatron.data.token_store import TokenDataset
+from replay_megatron.platform.exact_sum import all_reduce_float64
 
 
 def _loss_sum_and_count(logits: torch.Tensor, batch: GPTBatch, vocab_size: int, tp_rank: int) -> torch.Tensor:
@@ -59,8 +59,7 @@ def evaluate_perplexity(model: torch.nn.Module, dataset: TokenDataset, *, seq_le
             if layout.is_last_stage and layout.tp_rank == 0:
                 for r in results:
                     totals += r
-    dist.all_reduce(totals)
-    loss_sum, tokens = totals.tolist()
+    loss_sum, tokens = all_reduce_float64(totals).tolist()
     if tokens == 0:
         raise ValueError(f"held-out set {dataset.path}: no loss-bearing tokens in the {n} samples evaluated")
     eval_loss = loss_sum / tokens

@@ -1,7 +1,8 @@
 """Distributed statistics for the optimizers (SPEC.md sections 3 and 4).
 
 MoClip's three global sums count every element of the logical model once: each rank sums over the
-parameters (or distributed-optimizer shards) it counts, then one all-reduce SUM combines them. Which
+parameters (or distributed-optimizer shards) it counts, then one collective combines them in float64
+(`platform.exact_sum`: HCCL has no float64 all-reduce). Which
 parameters a rank counts follows megatron-core's gradient-norm rule (`get_main_grads_for_grad_norm`):
 not `shared` (the last pipeline stage's copy of a tied embedding) and not a tensor-parallel duplicate
 (a TP-replicated tensor, e.g. a norm weight, counts on TP rank 0 only). The group is the one Megatron
@@ -18,6 +19,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from replay_megatron.platform.exact_sum import all_reduce_float64
 
 # A per-tensor statistics hook: (params, local stats [len(params), k]) -> stats of the logical tensors.
 TensorSumsReducer = Callable[[Sequence[Tensor], Tensor], Tensor]
@@ -44,14 +47,14 @@ def counts_toward_global_stats(param: Tensor, tp_group: Optional[dist.ProcessGro
 
 
 class GlobalSumsReducer:
-    """MoClip's `stats_reducer`: one all-reduce (SUM) of the local sums over `group` (None: the world)."""
+    """MoClip's `stats_reducer`: the float64 SUM of the local sums over `group` (None: the world), in one
+    collective that NCCL and HCCL both carry (`platform.exact_sum`)."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
         self.group = group
 
     def __call__(self, sums: Tensor) -> Tensor:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        return sums
+        return all_reduce_float64(sums, group=self.group)
 
 
 def _is_tp_sharded(param: Tensor) -> bool:

@@ -25,10 +25,10 @@ def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def has_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-d bool tensor: whether any of `tensors` holds a NaN or an Inf (local, no host sync)."""
+def has_nonfinite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-d bool tensor on `device`: whether any of `tensors` holds a NaN or an Inf (local, no host sync)."""
     flags = [~torch.isfinite(t).all() for t in tensors]
-    return torch.stack(flags).any() if flags else torch.tensor(False)
+    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
 
 
 class TerminationFlag:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from replay_megatron.models.qwen3 import causal_attention_mask
+from replay_megatron.platform.exact_sum import all_reduce_float64
 from replay_megatron.training.faults import any_rank, has_nonfinite
 from replay_megatron.training.objectives import FullVocabCE, Objective
 
@@ -40,18 +41,19 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
-    totals = torch.zeros(2, dtype=torch.float64)
+    device = _tokens(micro_batches[0]).device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         for logged in losses:
-            totals += next(iter(logged.values())).double().cpu()
+            totals += next(iter(logged.values())).double()
     # sum over DP; only the last stage holds nonzero totals, so a sum over PP broadcasts them
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    loss = (totals[0] / totals[1].clamp_min(1)).item()
-    result = {"loss": loss, "tokens": int(totals[1].item())}
+    totals = all_reduce_float64(totals, group=parallel_state.get_data_parallel_group())
+    totals = all_reduce_float64(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, tokens = totals.tolist()
+    loss = loss_sum / max(tokens, 1.0)
+    result = {"loss": loss, "tokens": int(tokens)}
     grads = [b.grad_data for b in getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", [])]
-    device = grads[0].device if grads else torch.device("cpu")
-    if any_rank(has_nonfinite(grads).to(device) | (not math.isfinite(loss)), device):
+    if any_rank(has_nonfinite(grads, device) | (not math.isfinite(loss)), device):
         return {**result, "grad_norm": float("nan"), "update_ok": False, "skipped": True}
     update_ok, grad_norm, _ = optimizer.step()
     return {**result, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok), "skipped": False}
