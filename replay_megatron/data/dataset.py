@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from replay_megatron.data.token_store import TokenDataset
+from replay_megatron.platform.device import host_to_device
 
 
 @dataclass
@@ -40,8 +41,9 @@ class GPTBatch:
     position_ids: torch.Tensor  # [b, s]
     sample_ids: torch.Tensor  # [b]
 
-    def to(self, device: torch.device | str) -> GPTBatch:
-        return GPTBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+    def to(self, device: torch.device) -> GPTBatch:
+        """The batch on `device` (built on the host, it reaches an accelerator once, through pinned memory)."""
+        return GPTBatch(*(host_to_device(getattr(self, f.name), device) for f in fields(self)))
 
 
 def make_batch(samples: Sequence[Mapping], seq_length: int, pad_id: int) -> GPTBatch:

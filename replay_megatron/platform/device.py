@@ -2,7 +2,8 @@
 
 torch_npu is imported lazily, only when the NPU is requested or probed, because it cannot import without
 CANN. Choosing `npu` also imports `torch_npu.contrib.transfer_to_npu`, which maps torch.cuda calls onto
-the NPU the way MindSpeed does, so megatron-core runs unchanged. Choosing `cpu` activates the CPU adapter.
+the NPU the way MindSpeed does, so megatron-core runs unchanged. Choosing `cpu` activates the CPU adapter
+(and, in tests, the device guard that makes the CPU play an accelerator).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from replay_megatron.platform import device_guard
 
 DeviceType = Literal["npu", "cuda", "cpu"]
 BACKENDS: dict[str, str] = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -26,6 +29,7 @@ class Device:
 
     type: DeviceType
     local_rank: int = 0
+    guarded: bool = False  # CPU only: the device guard plays an accelerator (platform.device_guard)
 
     @property
     def backend(self) -> str:
@@ -33,7 +37,9 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device("cpu") if self.type == "cpu" else torch.device(self.type, self.local_rank)
+        if self.type == "cpu":
+            return device_guard.STAND_IN if self.guarded else torch.device("cpu")
+        return torch.device(self.type, self.local_rank)
 
 
 def npu_available() -> bool:
@@ -56,7 +62,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> Device:
         raise DeviceUnavailable("platform.device=cuda but torch.cuda.is_available() is False")
     if requested not in BACKENDS:
         raise ValueError(f"platform.device={requested!r}; allowed: auto, npu, cuda, cpu")
-    return Device(requested, local_rank)  # type: ignore[arg-type]
+    return Device(requested, local_rank, guarded=requested == "cpu" and device_guard.requested())  # type: ignore[arg-type]
 
 
 def activate(device: Device) -> None:
@@ -70,4 +76,14 @@ def activate(device: Device) -> None:
     else:
         from replay_megatron.platform import cpu_adapter
 
-        cpu_adapter.activate()
+        cpu_adapter.activate(device.torch_device)
+        if device.guarded:
+            device_guard.activate()
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the host) on `device`: through pinned memory without waiting on an accelerator, so a
+    micro-batch's copies overlap the compute still queued; a plain `.to` on the CPU."""
+    if device.type == "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

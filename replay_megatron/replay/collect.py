@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json
+from replay_megatron.platform.device import host_to_device
 from replay_megatron.replay.fingerprint import fingerprint_files, fingerprint_json
 from replay_megatron.replay.positions import select_positions
 from replay_megatron.replay.selection import TopKSelection, dynamic_topk, gold_probability
@@ -91,7 +92,7 @@ def _flatten(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.T
     """(row index, position) pairs of per-row position lists, for gathering [N, V_local] logit rows."""
     empty = [torch.empty(0, dtype=torch.int64)]
     row_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(per_row)] or empty)
-    return row_of.to(device), torch.cat(per_row or empty).to(device)
+    return host_to_device(row_of, device), host_to_device(torch.cat(per_row or empty), device)
 
 
 def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, sample_ids: torch.Tensor,
@@ -100,13 +101,14 @@ def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     """SPEC.md section 1 for one micro-batch: positions per sample, then dynamic Top-K on all chosen rows.
 
     `logits` [b, s, V_local] (this TP rank's shard in the model's dtype, modified in place: vocab padding ->
-    -inf; selection works in fp32 on the gathered rows only), `labels` and
-    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row). A collective on
-    `tp_group`: every TP rank must call it with the same batch.
+    -inf; selection works in fp32 on the gathered rows only), `labels` (on the logits' device) and
+    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row; these two best
+    on the host, where positions are chosen). A collective on `tp_group`: every TP rank must call it with
+    the same batch.
     """
     mask_vocab_padding(logits, vocab_start, vocab_size)
-    rows = [(int(sid), (loss_mask[i] > 0).nonzero().squeeze(-1).cpu()) for i, sid in enumerate(sample_ids.tolist())
-            if sid >= 0]
+    host_mask = loss_mask.cpu() > 0  # positions are chosen on the host (a no-op for the host copy collect passes)
+    rows = [(int(sid), host_mask[i].nonzero().squeeze(-1)) for i, sid in enumerate(sample_ids.tolist()) if sid >= 0]
     confidences = [None] * len(rows)
     if settings.strategy == "bucket":
         row_of, positions = _flatten([pos for _, pos in rows], logits.device)
@@ -297,12 +299,10 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     for group in sized:
         for start in range(0, len(group), chunk):
             ids = group[start:start + chunk]
-            batches = [make_batch([dataset[i] for i in index_batches[m]], settings.seq_length, pad_id).to(device)
-                       for m in ids]
-
-            on_output = _store_callback(batches, settings, writer, vocab_size=hf["vocab_size"],
+            host = [make_batch([dataset[i] for i in index_batches[m]], settings.seq_length, pad_id) for m in ids]
+            on_output = _store_callback(host, settings, writer, vocab_size=hf["vocab_size"],
                                         tp_rank=layout.tp_rank, tp_group=tp_group)
-            pipeline_forward(model, [b.tokens for b in batches], on_output)
+            pipeline_forward(model, [host_to_device(b.tokens, device) for b in host], on_output)
             bar.update(len(ids))
     bar.close()
     elapsed = time.perf_counter() - started
@@ -329,8 +329,9 @@ def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStor
                     vocab_size: int, tp_rank: int, tp_group):
     """`pipeline_forward`'s on_output: select the records of micro-batch i and hand new samples to the writer."""
     def on_output(logits: torch.Tensor, i: int) -> None:
-        batch = batches[i]
-        records = select_records(logits, batch.labels, batch.loss_mask, batch.sample_ids, settings,
+        batch = batches[i]  # on the host: only the labels travel to the logits' device
+        records = select_records(logits, host_to_device(batch.labels, logits.device), batch.loss_mask,
+                                 batch.sample_ids, settings,
                                  vocab_size=vocab_size, vocab_start=tp_rank * logits.shape[-1], tp_group=tp_group)
         if writer is not None:
             done = writer.committed_sample_ids  # a resumed micro-batch may hold committed samples

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from replay_megatron.ops import restricted_ce_with_kl, restricted_cross_entropy
+from replay_megatron.platform.device import host_to_device
 
 
 @dataclass
@@ -33,6 +34,12 @@ class ReplayTargets:
     def num_positions(self) -> int:
         return int(self.targets.numel())
 
+    def to(self, device: torch.device) -> ReplayTargets:
+        """The targets on `device` (built on the host from the store, they reach an accelerator once)."""
+        moved = [None if t is None else host_to_device(t, device) for t in
+                 (self.rows, self.positions, self.candidates, self.targets, self.teacher_logits)]
+        return ReplayTargets(*moved)
+
 
 def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable, *,
                    with_teacher: bool = False) -> ReplayTargets:
@@ -41,8 +48,12 @@ def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Calla
     also `candidate_logits` (the store's, kept when Stage 0 ran with collect.store_logits).
 
     The stored gold of every position must equal the batch's label there: a store made from other data
-    is refused here, naming the sample.
+    is refused here, naming the sample. `labels` are the host copy of the batch's labels: the join and its
+    check run on the host; `ReplayTargets.to` then moves the result to the device in one go.
     """
+    if labels.device.type != "cpu":
+        raise ValueError(f"replay_targets joins on the host: pass the batch's labels before they move to the "
+                         f"device (got labels on {labels.device})")
     rows, positions, candidates, targets, teacher = [], [], [], [], []
     for row, sample_id in enumerate(sample_ids.tolist()):
         record = lookup(sample_id)
@@ -93,29 +104,30 @@ def _restricted_forward(layer, targets: ReplayTargets, kl_weight: float, fuse_ma
         tp = parallel_state.get_tensor_model_parallel_world_size()
         # identity forward, all-reduce of dh over TP backward: what ColumnParallelLinear does to its input
         hidden = copy_to_tensor_model_parallel_region(hidden) if tp > 1 else hidden
-        t, device = targets, hidden.device
-        h = hidden[t.positions.to(device), t.rows.to(device)]  # [N, H]
-        args = (h, weight, t.candidates.to(device), t.targets.to(device))
+        t = targets
+        h = hidden[t.positions, t.rows]  # [N, H]
+        args = (h, weight, t.candidates, t.targets)
         options = dict(vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
                        tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
                        fuse_main_grad=fuse_main_grad)
         if kl_weight > 0:
-            loss = restricted_ce_with_kl(*args, t.teacher_logits.to(device), kl_weight, **options)
+            loss = restricted_ce_with_kl(*args, t.teacher_logits, kl_weight, **options)
         else:
             loss = restricted_cross_entropy(*args, **options)
         dense = hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-        dense = dense.index_put((t.positions.to(device), t.rows.to(device),
-                                 torch.zeros_like(t.rows, device=device)), loss)
+        dense = dense.index_put((t.positions, t.rows, torch.zeros_like(t.rows)), loss)
         return dense, None
 
     return forward
 
 
 @contextlib.contextmanager
-def set_replay_targets(chunk: torch.nn.Module, targets: ReplayTargets, *, kl_weight: float = 0.0) -> Iterator[None]:
+def set_replay_targets(chunk: torch.nn.Module, targets: ReplayTargets | None, *,
+                       kl_weight: float = 0.0) -> Iterator[None]:
     """Within the block, the chunk's output layer (last stage only) computes the restricted CE (plus
-    kl_weight * KL when kl_weight > 0, which needs `targets.teacher_logits`)."""
-    if kl_weight > 0 and targets.teacher_logits is None:
+    kl_weight * KL when kl_weight > 0, which needs `targets.teacher_logits`); `targets` on the model's device,
+    None on the other pipeline stages (they hold no output layer)."""
+    if kl_weight > 0 and targets is not None and targets.teacher_logits is None:
         raise ValueError("kl_weight > 0 needs the teacher's candidate logits: build the targets with "
                          "replay_targets(..., with_teacher=True) from a store collected with collect.store_logits")
     layer, overlap_grad_reduce = _output_layer(chunk)

@@ -188,14 +188,13 @@ class _Progress:
 
 def _k_stats(micro_batches: list, k_max: int, layout) -> dict[str, float]:
     """|S_t| statistics over the step's stored positions (all DP ranks), from a histogram all-reduce."""
-    hist = torch.zeros(k_max + 2, dtype=torch.float64)
+    hist = torch.zeros(k_max + 2, dtype=torch.int64, device=layout.device.torch_device)
     if layout.is_last_stage:
         for mb in micro_batches:
             counts = (mb.targets.candidates >= 0).sum(dim=1)
-            hist += torch.bincount(counts, minlength=k_max + 2)[:k_max + 2].double()
-    hist = hist.to(layout.device.torch_device)
+            hist += torch.bincount(counts, minlength=k_max + 2)[:k_max + 2]
     dist.all_reduce(hist)  # over all ranks: each DP group's last stage contributes once per TP rank
-    hist = (hist / layout.tp).cpu()
+    hist = (hist // layout.tp).cpu().double()
     n = hist.sum().item()
     if n == 0:
         return {}
@@ -275,12 +274,13 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     try:
         while state.step < inputs.total_steps:
             start = time.perf_counter()
-            batches = [make_batch([dataset[i] for i in next(samples)], cfg.data.seq_length, pad_id).to(device)
-                       for _ in range(n_micro)]
+            host = [make_batch([dataset[i] for i in next(samples)], cfg.data.seq_length, pad_id)
+                    for _ in range(n_micro)]
+            batches = [b.to(device) for b in host]
             if t.loss == "replay":
-                batches = [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, inputs.store.get,
-                                                              with_teacher=t.kl_weight > 0)
-                                            if layout.is_last_stage else None) for b in batches]
+                batches = [ReplayMicroBatch(b, replay_targets(h.sample_ids, h.labels, inputs.store.get,
+                                                              with_teacher=t.kl_weight > 0).to(device)
+                                            if layout.is_last_stage else None) for b, h in zip(batches, host)]
             result = train_step(model, optimizer, batches, objective)
             if not result["skipped"]:
                 scheduler.step(1)
