@@ -9,11 +9,13 @@ the numerics are those of the same megatron-core code.
 `activate()` applies exactly these patches, once per process, and only when the platform is `cpu`
 (never on CUDA or NPU; there torch_npu's `transfer_to_npu` plays the same role for NPU):
 
-1. `torch.cuda.current_device()` -> `"cpu"`: the device megatron passes to every allocation.
+1. `torch.cuda.current_device()` -> `"cpu"` (`"cpu:0"` under the device guard, `platform.device_guard`):
+   the device megatron passes to every allocation.
 2. `torch.cuda.is_available()` stays as is (False); megatron only reads it for optional features.
 3. Factory functions (`torch.tensor/zeros/ones/empty/full/arange/..._like`) map a `device` that names
-   cuda to cpu: megatron's optimizer, grad-norm, schedules and checkpoint code hard-code `device='cuda'`.
-4. `Tensor.cuda()` returns the tensor itself (it is already on the compute device).
+   cuda to that same compute device: megatron's optimizer, grad-norm, schedules and checkpoint code hard-code `device='cuda'`.
+4. `Tensor.cuda()` returns the tensor itself (it is already on the compute device; under the guard, its
+   copy on the stand-in device).
 5. `Tensor.type()` (no argument) names CPU tensors the CUDA way ('torch.cuda.FloatTensor'): megatron's
    optimizer wrappers pick their mixed-precision branch by that string.
 6. `torch.cuda.synchronize`, `torch.cuda.empty_cache` -> no-ops; `torch.cuda.nvtx.range_push/pop` ->
@@ -54,11 +56,11 @@ def _names_cuda(device: Any) -> bool:
     return isinstance(device, str) and device.startswith("cuda")
 
 
-def _redirect_device(fn: Callable) -> Callable:
+def _redirect_device(fn: Callable, compute: torch.device) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _names_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = compute
         return fn(*args, **kwargs)
 
     wrapper.__replay_megatron_cpu_adapter__ = True  # type: ignore[attr-defined]
@@ -117,16 +119,24 @@ def install_cpu_rng_tracker() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
-def activate() -> None:
-    """Apply the patches listed in the module docstring (idempotent). Call only for the CPU platform."""
+def activate(compute: torch.device = torch.device("cpu")) -> None:
+    """Apply the patches listed in the module docstring (idempotent). Call only for the CPU platform.
+
+    `compute` is the device "cuda" maps to: the CPU, or the device guard's stand-in accelerator ('cpu:0',
+    the same memory under another name, so the guard can tell device tensors from host ones).
+    """
     global _ACTIVE
     if _ACTIVE:
         return
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    name_of_compute = str(compute)
+    torch.cuda.current_device = lambda: name_of_compute  # type: ignore[assignment]
     for name in FACTORY_FUNCTIONS:
         _ORIGINAL_FACTORIES[name] = getattr(torch, name)
-        setattr(torch, name, _redirect_device(_ORIGINAL_FACTORIES[name]))
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+        setattr(torch, name, _redirect_device(_ORIGINAL_FACTORIES[name], compute))
+    if compute.index is None:
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    else:
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(compute)  # type: ignore[assignment]
     torch.Tensor.type = _tensor_type(torch.Tensor.type)  # type: ignore[assignment]
     torch.cuda.synchronize = _noop  # type: ignore[assignment]
     torch.cuda.empty_cache = _noop  # type: ignore[assignment]
