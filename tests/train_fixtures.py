@@ -7,24 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from replay_megatron.data.token_store import TokenStoreWriter
+from replay_megatron.data.synthetic import write_random_token_store
 
 SEQ = 24
 
 
 def write_token_store(out: Path, n: int, seed: int, tokenizer_fp: str = "test-tokenizer") -> None:
     """n samples of 8..SEQ+1 tokens, loss on the tail of each."""
-    rng = np.random.default_rng(seed)
-    writer = TokenStoreWriter(out)
-    for i in range(n):
-        length = int(rng.integers(8, SEQ + 2))
-        prompt = int(rng.integers(1, length - 2))
-        writer.add(f"s{i}", rng.integers(0, 500, length).tolist(), [0] * prompt + [1] * (length - prompt))
-    writer.close({"tokenizer": {"kind": "test", "path": "-", "fingerprint": tokenizer_fp, "vocab_size": 500,
-                                "eos_id": 1, "pad_id": 0}, "seq_length": SEQ})
+    write_random_token_store(out, n, seed, seq_length=SEQ, vocab_size=500, tokenizer_fingerprint=tokenizer_fp)
 
 
 def make_training_root(root: Path) -> Path:
