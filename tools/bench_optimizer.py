@@ -48,7 +48,8 @@ def step_timer(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[],
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Run the benchmark; returns scenario -> optimizer -> {median, min, cpu} seconds (also printed)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=100e6, help="total parameter count (default 100M)")
     ap.add_argument("--hidden", type=int, default=768)
@@ -56,7 +57,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per optimizer (interleaved)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--optimizers", default=None, help="comma-separated rows to run (default: all; each row "
+                                                       "holds its own parameters and state)")
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -76,22 +79,29 @@ def main() -> None:
     default = "per-tensor" if device.type == "cpu" else "fused" if fused else "foreach"
     print(f"MoClip's default path here: {default}"
           + (f" (blocks of {CPU_BLOCK_NUMEL} elements)" if device.type == "cpu" else ""))
-    optimizers = {
-        "AdamW(foreach)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
-        "AdamW(per-tensor)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=False)),
-        "AdamW(fused)": make(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
-        "MoClip(foreach)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True, fused=False)),
-        "MoClip(per-tensor)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False)),
-        "Adam-atan2 (MoClip 180)": make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0)),
+    builders = {
+        "AdamW(foreach)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True),
+        "AdamW(per-tensor)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=False),
+        "AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True),
+        "MoClip(foreach)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True, fused=False),
+        "MoClip(per-tensor)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False),
+        "Adam-atan2 (MoClip 180)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0),
     }
     if fused:
-        optimizers["MoClip(fused)"] = make(lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True))
+        optimizers["MoClip(fused)"] = lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True)
+    wanted = args.optimizers.split(",") if args.optimizers else list(builders)
+    unknown = sorted(set(wanted) - set(builders) - {"AdamW(foreach)"})
+    if unknown:
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(builders)}")
+    # AdamW(foreach) is every ratio's base; the MoClip rows count clipped steps
+    optimizers = {name: make(builders[name]) for name in ["AdamW(foreach)"] + wanted if name in builders}
     timers = {name: step_timer(opt, device) for name, opt in optimizers.items()}
-    moclip = optimizers["MoClip(foreach)"]
+    moclip = next((opt for name, opt in optimizers.items() if name.startswith("MoClip")), None)
     names = list(optimizers)
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for scenario, fresh in (("aligned", False), ("clipping", True)):
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-        clipped_before = int(moclip.last_stats.clipped_steps) if moclip.last_stats else 0
+        clipped_before = int(moclip.last_stats.clipped_steps) if moclip and moclip.last_stats else 0
         for rep in range(args.reps + 2):  # two warm-up rounds: state allocation, settling into the scenario
             if fresh:
                 for g in grads:
@@ -100,14 +110,15 @@ def main() -> None:
                 elapsed = timers[name]()
                 if rep >= 2:
                     times[name].append(elapsed)
-        clipped = int(moclip.last_stats.clipped_steps) - clipped_before
+        clipped = int(moclip.last_stats.clipped_steps) - clipped_before if moclip else 0
         print(f"-- {scenario}: MoClip clipped {clipped} of {args.reps + 2} steps; step time in ms, "
-              f"ratio to AdamW in brackets")
+              f"ratio to AdamW(foreach) in brackets")
         base = {k: summary(times["AdamW(foreach)"])[k] for k in ("median", "min", "cpu")}
-        for name in names:
-            row = summary(times[name])
+        results[scenario] = {name: summary(times[name]) for name in names}
+        for name, row in results[scenario].items():
             mark = "*" if name == f"MoClip({default})" else " "
             print(f" {mark}{name:26s} " + "  ".join(f"{k} {row[k] * 1e3:8.1f} ({row[k] / base[k]:4.2f})" for k in row))
+    return results
 
 
 def summary(samples: list[tuple[float, float]]) -> dict[str, float]:

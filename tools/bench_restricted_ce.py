@@ -197,7 +197,8 @@ def _available(variant: str, device: str) -> str | None:
     return None
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """Run the benchmark; returns variant -> figures (also printed as a table)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -215,7 +216,7 @@ def main(argv=None) -> None:
         args.repeats = 3 if args.quick else 1
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
-        return
+        return {}
 
     shape = f"N={args.n} H={args.h} V={args.v} |S|={args.k} {args.dtype} on {args.device}"
     print(f"restricted CE benchmark: {shape}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
@@ -239,6 +240,7 @@ def main(argv=None) -> None:
         print(f"  {variant}: {r['wall_s']:.2f} s wall, peak {r['peak_mib']:.0f} MiB above a baseline of "
               f"{r['baseline_mib']:.0f} MiB, loss {r['loss']:.6f}", flush=True)
     _print_table(results)
+    return results
 
 
 def _print_table(results: dict) -> None:

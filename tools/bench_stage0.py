@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--vocab", type=int, default=151936)
@@ -45,7 +45,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--logit-scale", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--strategies", default="all,bucket")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -59,8 +59,9 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return best
 
 
-def main() -> None:
-    args = _args()
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns one dict per row (pass, strategy, wall_s, cpu_s), also printed."""
+    args = _args(argv)
     from replay_megatron.data.dataset import make_batch
     from replay_megatron.models.forward import pipeline_forward
     from replay_megatron.models.presets import preset
@@ -133,6 +134,7 @@ def main() -> None:
         positions = s["positions"] if s else args.micro_batch * args.micro_batches * args.seq
         print(f"{name:8} {positions:9d} {strategy:>8} {wall:8.3f} {cpu:8.3f} {wall / base_wall:6.2f} "
               f"{cpu / base_cpu:9.2f} {tail}")
+    return [{"pass": name, "strategy": strategy, "wall_s": wall, "cpu_s": cpu} for name, strategy, wall, cpu, _ in rows]
 
 
 if __name__ == "__main__":
