@@ -14,7 +14,11 @@ py=${2:-3.12}
 packages=(megatron-core pydantic pydantic-core annotated-types typing-inspection typing-extensions packaging)
 pins=()
 for name in "${packages[@]}"; do
-  pins+=("$name==$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+  version=$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) || {
+    echo "wheelhouse.sh: $name is not installed in $(command -v python); run it from the project's venv" >&2
+    exit 2
+  }
+  pins+=("$name==$version")
 done
 rm -rf "$out" && mkdir -p "$out"
 python -m pip wheel -q --no-deps --no-build-isolation -w "$out" .
