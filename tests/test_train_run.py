@@ -156,6 +156,10 @@ def single_rank_runs(config_path) -> dict[str, dict]:
         "layout_tp1": (["run.name=layout", *eval_off], {"stop_after_steps": 4}),
         "kl": (["run.name=kl", *eval_off, "collect.store_dir=store_kl", "collect.store_logits=fp32",
                 "train.kl_weight=0.5", "train.train_iters=2"], {}),
+        # bf16 weights: megatron's Float16Optimizer checkpoints (every parameter must be bf16, norms too)
+        "bf16": (["run.name=bf16", *eval_off, "model.params_dtype=bf16"], {"weights": True}),
+        "bf16_crashed": (["run.name=bf16_crashed", *eval_off, "model.params_dtype=bf16"], {"stop_after_steps": 4}),
+        "bf16_resumed": (["run.name=bf16_crashed", *eval_off, "model.params_dtype=bf16"], {"weights": True}),
     }
     [results] = run_local(train_job, 1, config_path, list(runs.values()))
     return dict(zip(runs, results))
@@ -172,6 +176,14 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run_exactly(single_rank_ru
     assert _curve(resumed["metrics"]) == _curve(ref["metrics"])
     assert all(torch.equal(a, b) for a, b in zip(resumed["weights"], ref["weights"]))
     assert resumed["summary"]["stability"] == ref["summary"]["stability"]
+
+
+@pytest.mark.multiproc
+def test_bf16_weights_checkpoint_and_resume_exactly(single_rank_runs):
+    ref, resumed = single_rank_runs["bf16"], single_rank_runs["bf16_resumed"]
+    assert ref["summary"]["status"] == "completed" and len(ref["metrics"]) == 6
+    assert _curve(resumed["metrics"]) == _curve(ref["metrics"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed["weights"], ref["weights"]))
 
 
 @pytest.mark.multiproc

@@ -47,8 +47,9 @@ SEQ = 32
 class Check:
     """The work dir, the device and the results of the steps run so far."""
 
-    def __init__(self, device: str, out: Path, step_timeout: float) -> None:
+    def __init__(self, device: str, out: Path, step_timeout: float, params_dtype: str) -> None:
         self.device, self.out, self.step_timeout = device, out, step_timeout
+        self.params_dtype = ("bf16" if device != "cpu" else "fp32") if params_dtype == "auto" else params_dtype
         self.results: list[tuple[str, bool, str, float]] = []
         self.ratios: list[tuple[str, str]] = []
 
@@ -98,7 +99,7 @@ def _config(check: Check) -> Path:
     body = {"run": {"name": "replay", "data_root": str(check.out), "out_dir": str(check.out / "runs"), "seed": 7},
             "platform": {"device": check.device},
             "model": {"hf_path": "hf_base", "mcore_checkpoint": "mcore_base",
-                      "params_dtype": "bf16" if check.accelerator else "fp32"},
+                      "params_dtype": check.params_dtype},
             "data": {"train": "tokens", "eval": "heldout", "seq_length": SEQ},
             "collect": {"tau": 0.9, "k_max": 16, "micro_batch_size": 4, "store_dir": "store",
                         "positions": {"strategy": "bucket", "amount": 0.5, "buckets": 2}},
@@ -159,7 +160,7 @@ def _eval(check: Check) -> str:
 def _hf_export(check: Check) -> str:
     run = check.out / "runs" / "replay"
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    # bf16 training: the export and the checkpoint hold the same bf16 weights, compared in fp32
+    # the export and the checkpoint hold the same (bf16 or fp32) weights, compared in fp32
     return _verify(check, str(run / "hf"), str(run / "checkpoints" / latest / "model"),
                    tol=2e-3 if check.accelerator else 1e-4)
 
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bench", action="store_true", help="the pipeline only")
     parser.add_argument("--steps", default=None, help=f"comma-separated subset of {PIPELINE + BENCHMARKS}")
     parser.add_argument("--step-timeout", type=float, default=600, help="seconds per pipeline command")
+    parser.add_argument("--params-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="the pipeline's weights (auto: bf16 on accelerators, fp32 on CPU)")
     args = parser.parse_args(argv)
     from replay_megatron.platform.dependency_warnings import silence_dependency_warnings
     from replay_megatron.platform.device import resolve_device
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device).type
     out = Path(args.out or tempfile.mkdtemp(prefix="accelerator_check_")).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    check = Check(device, out, args.step_timeout)
+    check = Check(device, out, args.step_timeout, args.params_dtype)
     print(_environment(device), flush=True)
     steps = {**pipeline_steps(check), **({} if args.no_bench else benchmark_steps(check))}
     wanted = args.steps.split(",") if args.steps else list(steps)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         "Adam-atan2 (MoClip 180)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0),
     }
     if fused:
-        optimizers["MoClip(fused)"] = lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True)
+        builders["MoClip(fused)"] = lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True)
     wanted = args.optimizers.split(",") if args.optimizers else list(builders)
     unknown = sorted(set(wanted) - set(builders) - {"AdamW(foreach)"})
     if unknown:

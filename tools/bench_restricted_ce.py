@@ -5,7 +5,7 @@ position (distinct random ids, gold among them), fp32. As under megatron-core DD
 preallocated fp32 `main_grad` [V, H] (DDP's view of its grad buffer) and every variant ends with its weight
 gradient accumulated there and `weight.grad` None. Variants, all on the same seeded inputs:
 
-  op               replay_megatron.ops.restricted_cross_entropy (backend auto: the PyTorch path on CPU), in
+  op               replay_megatron.ops.restricted_cross_entropy on its PyTorch path (backend torch), in
                    its main_grad mode: dW rows are added into main_grad block by block, no dense dW
   kernel           the same op on the Triton kernel, dW added atomically into main_grad (only with --device
                    cuda/npu and triton importable)
@@ -92,7 +92,7 @@ def _step_fn(variant: str, torch):
     from replay_megatron.ops import restricted_cross_entropy
 
     if variant in ("op", "kernel"):
-        backend = "triton" if variant == "kernel" else "auto"
+        backend = "triton" if variant == "kernel" else "torch"
         return lambda h, w, c, t: restricted_cross_entropy(h, w, c, t, backend=backend)
     if variant == "gather":
         def gather(h, w, c, t):

@@ -1,10 +1,9 @@
 """Whole-step benchmark: the paper's Stage 1 step (replay: restricted CE + MoClip) against an AdamW SFT step
 (full-vocabulary CE), same model shape, same batch, same run. Also replay + AdamW, which isolates the loss.
 
-Each variant gets a fresh model (same seed) and optimizer through megatron-core's schedule, DDP and
-optimizer wrappers, one process; reported: median and fastest step time after one warm-up step, tokens/s
-(real tokens of the batch over the median step) and peak memory (accelerator allocator peak; peak RSS
-on CPU, which only grows, so on CPU read it for the first variant only).
+Each variant runs in a fresh process (same seed): megatron-core's schedule, DDP and optimizer wrappers;
+reported: median and fastest step time after one warm-up step, tokens/s (real tokens of the batch over
+the median step) and peak memory (accelerator allocator peak; peak RSS on CPU).
 
     python tools/bench_stage1_step.py                       # CPU: Qwen3 vocabulary on a small body
     python tools/bench_stage1_step.py --device cuda --preset qwen3-0.6b --seq 4096 --batch 1 \
@@ -56,7 +55,8 @@ def _replay_batch(batch, vocab: int, candidates: int, device: torch.device):
     return ReplayMicroBatch(batch.to(device), targets)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, variant: tuple[str, str, str]) -> dict:
+    """One variant's figures, measured in this (fresh) process."""
     from replay_megatron.data.dataset import make_batch
     from replay_megatron.optim.megatron import build_optimizer
     from replay_megatron.platform.distributed import initialize, shutdown
@@ -74,33 +74,27 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "loss_mask": torch.ones(args.seq + 1, dtype=torch.uint8).numpy()} for i in range(args.batch)]
     host = make_batch(samples, args.seq, pad_id=0)
     accel = getattr(torch, device.type) if device.type != "cpu" else None
-    results = []
-    for name, loss, optimizer_name in VARIANTS:
-        torch.manual_seed(0)
-        model = build_ddp_model(hf, layout, params_dtype=args.params_dtype)
-        optimizer = build_optimizer(optimizer_name, [model], lr=1e-5, params_dtype=args.params_dtype)
-        objective, micro_batch = ((FullVocabCE(), host.to(device)) if loss == "full" else
-                                  (RestrictedCE(), _replay_batch(host, vocab, args.candidates, device)))
+    name, loss, optimizer_name = variant
+    torch.manual_seed(0)
+    model = build_ddp_model(hf, layout, params_dtype=args.params_dtype)
+    optimizer = build_optimizer(optimizer_name, [model], lr=1e-5, params_dtype=args.params_dtype)
+    objective, micro_batch = ((FullVocabCE(), host.to(device)) if loss == "full" else
+                              (RestrictedCE(), _replay_batch(host, vocab, args.candidates, device)))
+    times = []
+    for step in range(args.repeats + 1):  # the first is the warm-up
         if accel is not None:
-            accel.reset_peak_memory_stats()
-        times = []
-        for step in range(args.repeats + 1):  # the first is the warm-up
-            if accel is not None:
-                accel.synchronize()
-            start = time.perf_counter()
-            train_step(model, optimizer, [micro_batch], objective)
-            if accel is not None:
-                accel.synchronize()
-            if step:
-                times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        results.append({"variant": name, "median_s": median, "min_s": min(times),
-                        "tokens_per_s": args.batch * args.seq / median, "peak_mib": peak_memory_bytes(device) / 2**20})
-        del model, optimizer, objective, micro_batch
+            accel.synchronize()
+        start = time.perf_counter()
+        train_step(model, optimizer, [micro_batch], objective)
         if accel is not None:
-            accel.empty_cache()
+            accel.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    peak = peak_memory_bytes(device) / 2**20
     shutdown()
-    return results
+    return {"variant": name, "median_s": median, "min_s": min(times), "tokens_per_s": args.batch * args.seq / median,
+            "peak_mib": peak}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -118,7 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     from replay_megatron.platform.spawn import run_local
 
-    [results] = run_local(run, 1, args, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    results = [run_local(run, 1, args, variant, env=env)[0] for variant in VARIANTS]  # a process each
     shape = args.preset or f"H={args.hidden}"
     print(f"Stage 1 step on {args.device}: {shape}, V=151936, {args.batch} x {args.seq} tokens per step, "
           f"|S|={args.candidates}, {args.params_dtype}")

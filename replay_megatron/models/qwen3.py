@@ -120,6 +120,13 @@ def build_stage(hf: Mapping[str, Any], layout, *, params_dtype: str = "fp32", vo
     config = transformer_config(hf, tp=layout.tp, pp=layout.pp, params_dtype=params_dtype, **config_overrides)
     model = build_model(hf, config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
                         vocab_divisible_by=vocab_divisible_by)
+    dtype = DTYPES[params_dtype]
+    for param in model.parameters():
+        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype. Megatron-LM's Float16Module casts
+        # every parameter; so must we: megatron's Float16Optimizer checkpoints bf16/fp16 parameters only, and
+        # a bf16 activation meeting an fp32 norm weight leaves torch's fused RMSNorm.
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     return model.to(layout.device.torch_device)
 
 
