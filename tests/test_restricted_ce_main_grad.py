@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -154,7 +155,7 @@ def _replay_layer_kl(kl_weight: float) -> tuple[float, bool, bool]:
 
     s, b, v, h = 12, 3, 53, 24
     records, labels = _records(s, b, v, k=6)
-    t = replay_targets(torch.tensor(sorted(records)), labels, records.__getitem__, with_teacher=True)
+    t = replay_targets(torch.tensor(sorted(records)), labels, records.__getitem__, vocab_size=v, with_teacher=True)
     g = torch.Generator().manual_seed(8)
     hidden = torch.randn(s, b, h, generator=g) / h ** 0.5
 
@@ -206,11 +207,27 @@ def test_kl_needs_teacher_logits():
     records, labels = _records(8, 2, 20, k=4)
     no_logits = {i: _Record(r.positions, r.targets, r.candidates) for i, r in records.items()}
     with pytest.raises(ValueError, match="sample 10 has no candidate_logits"):
-        replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__, with_teacher=True)
-    t = replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__)
+        replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__, vocab_size=20, with_teacher=True)
+    t = replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__, vocab_size=20)
     assert t.teacher_logits is None
     with pytest.raises(ValueError, match="kl_weight > 0 needs the teacher"):
         with set_replay_targets(torch.nn.Module(), t, kl_weight=0.5):
             pass
     with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         RestrictedCE(kl_weight=-1.0)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda c: c.masked_fill(c == c[:, :1], -1), "not among its candidates"),  # the gold dropped
+    (lambda c: torch.where(c >= 0, c + 20, c), "outside [0, 20)"),
+    (lambda c: torch.cat([c[:, :1], c], dim=1), "duplicate candidate id"),
+])
+def test_replay_targets_refuse_broken_candidate_sets_on_the_host(corrupt, message):
+    """The join checks Stage 0's invariants where it builds the targets, so the loss skips its device check."""
+    from replay_megatron.training.replay_head import replay_targets
+
+    records, labels = _records(8, 2, 20, k=4)
+    bad = {i: _Record(r.positions, r.targets, corrupt(r.candidates)) for i, r in records.items()}
+    assert replay_targets(torch.tensor([10, 11]), labels, records.__getitem__, vocab_size=20).num_positions > 0
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replay_targets(torch.tensor([10, 11]), labels, bad.__getitem__, vocab_size=20)

@@ -50,7 +50,8 @@ def replay_micro_batches(hf, batches, k=6):
                 others = others[others != t][: size - 1]
                 cands[i, :size] = torch.cat([torch.tensor([t]), others])[torch.randperm(size, generator=g)]
             records[sid] = FakeRecord(keep, gold, cands)
-    return [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, records.__getitem__)) for b in batches]
+    return [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, records.__getitem__,
+                                               vocab_size=hf["vocab_size"])) for b in batches]
 
 
 def train_one_step(hf, hf_sd, micro_batches, tp, pp, check_against=None, replay=False):

@@ -4,6 +4,8 @@ from replay_megatron.ops.restricted_cross_entropy import (
     restricted_ce_with_kl,
     restricted_cross_entropy,
     restricted_kl_divergence,
+    validate_candidates,
 )
 
-__all__ = ["renormalized_teacher", "restricted_ce_with_kl", "restricted_cross_entropy", "restricted_kl_divergence"]
+__all__ = ["renormalized_teacher", "restricted_ce_with_kl", "restricted_cross_entropy", "restricted_kl_divergence",
+           "validate_candidates"]

@@ -217,25 +217,31 @@ def _check_shapes(hidden, weight, candidates, targets, target_probs) -> None:
 
 
 def _check_candidates(candidates, targets, target_probs, lo: int, hi: int) -> None:
-    """The invariants Stage 0 guarantees, on candidates sorted within each row; messages name the row."""
+    """The invariants Stage 0 guarantees, on candidates sorted within each row; messages name the row.
+    One host sync in all (a device flag), more only to name a failure."""
     pad = candidates == -1
-    _raise_on_first((~pad & ((candidates < lo) | (candidates >= hi))).any(dim=1),
-                    f"has a candidate id outside [{lo}, {hi}) (padding is -1)")
-    _raise_on_first(targets < -1, "has a target id below -1 (-1 marks an ignored row)")
-    _raise_on_first(((candidates[:, 1:] == candidates[:, :-1]) & ~pad[:, 1:]).any(dim=1),
-                    "has a duplicate candidate id")
     valid = targets >= 0
-    _raise_on_first(valid & ~(candidates == targets[:, None]).any(dim=1),
-                    "has a target that is not among its candidates (Stage 0 always appends the gold)")
+    checks = [((~pad & ((candidates < lo) | (candidates >= hi))).any(dim=1),
+               f"has a candidate id outside [{lo}, {hi}) (padding is -1)"),
+              (targets < -1, "has a target id below -1 (-1 marks an ignored row)"),
+              (((candidates[:, 1:] == candidates[:, :-1]) & ~pad[:, 1:]).any(dim=1), "has a duplicate candidate id"),
+              (valid & ~(candidates == targets[:, None]).any(dim=1),
+               "has a target that is not among its candidates (Stage 0 always appends the gold)")]
     if target_probs is not None:
         mass = torch.where(pad, 0.0, target_probs.float()).sum(dim=1)
-        _raise_on_first(valid & ((mass - 1).abs() > 1e-4), "has target_probs on its candidates not summing to 1")
+        checks.append((valid & ((mass - 1).abs() > 1e-4), "has target_probs on its candidates not summing to 1"))
+    if bool(torch.stack([bad.any() for bad, _ in checks]).any()):
+        for bad_rows, what in checks:
+            if bool(bad_rows.any()):
+                row = int(bad_rows.nonzero()[0, 0])
+                raise ValueError(f"restricted_cross_entropy: row {row} {what} ({int(bad_rows.sum())} such rows)")
 
 
-def _raise_on_first(bad_rows: torch.Tensor, what: str) -> None:
-    if bool(bad_rows.any()):
-        row = int(bad_rows.nonzero()[0, 0])
-        raise ValueError(f"restricted_cross_entropy: row {row} {what} ({int(bad_rows.sum())} such rows)")
+def validate_candidates(candidates: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> None:
+    """Refuse candidate sets [N, C] (-1 padded) and targets [N] that break Stage 0's invariants (ids in
+    [0, vocab_size), no duplicates, the gold among them): where they are built, e.g. on the host, so the
+    op can skip its own check (`validate=False`) and its device sync."""
+    _check_candidates(candidates.long().sort(dim=1)[0], targets.long(), None, 0, vocab_size)
 
 
 def _select_backend(device: torch.device, backend: str, chunk_size: int) -> CandidateBackend:
@@ -256,7 +262,8 @@ def _select_backend(device: torch.device, backend: str, chunk_size: int) -> Cand
 def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor,
                              targets: torch.Tensor, *, vocab_start: int = 0, tp_group=None,
                              chunk_size: Optional[int] = None, target_probs: Optional[torch.Tensor] = None,
-                             backend: str = "auto", fuse_main_grad: bool = True) -> torch.Tensor:
+                             backend: str = "auto", fuse_main_grad: bool = True,
+                             validate: bool = True) -> torch.Tensor:
     """Per-position restricted cross entropy [N] (fp32) on the candidate sets (SPEC.md section 2).
 
     hidden [N, H]; weight [V_local, H], rows vocab_start.. of the global vocabulary; candidates [N, C]
@@ -275,6 +282,8 @@ def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candida
     fuse_main_grad: when weight has megatron DDP's `main_grad`, add dW into it and give weight no autograd
     gradient (see the module docstring; pass False under DDP's overlap_grad_reduce). Without main_grad
     the gradient is the usual dense autograd one either way.
+    validate: check Stage 0's invariants on the candidates (one device sync); False where the caller has
+    checked them already (`validate_candidates`).
     """
     _check_shapes(hidden, weight, candidates, targets, target_probs)
     main_grad = getattr(weight, "main_grad", None) if fuse_main_grad and weight.requires_grad else None
@@ -289,8 +298,9 @@ def restricted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, candida
     # Without TP this process holds the whole (restricted) vocabulary, so every candidate must be local.
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     v_local = weight.shape[0]
-    _check_candidates(candidates, targets, target_probs,
-                      *((0, v_local * world) if world > 1 else (vocab_start, vocab_start + v_local)))
+    if validate:
+        _check_candidates(candidates, targets, target_probs,
+                          *((0, v_local * world) if world > 1 else (vocab_start, vocab_start + v_local)))
     local = candidates - vocab_start
     in_shard = (targets >= 0)[:, None] & (candidates >= 0) & (local >= 0) & (local < v_local)
     rows = torch.where(in_shard, local, -1)

@@ -73,7 +73,10 @@ class TensorParallelSums:
     def __call__(self, params: Sequence[Tensor], sums: Tensor) -> Tensor:
         sharded = torch.tensor([_is_tp_sharded(p) for p in params], device=sums.device).unsqueeze(1)
         reduced = torch.where(sharded, sums, torch.zeros_like(sums))
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.tp_group)
+        if reduced.dtype == torch.float64:  # HCCL has no float64 all-reduce
+            reduced = all_reduce_float64(reduced.reshape(-1), group=self.tp_group).view_as(sums)
+        else:
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.tp_group)
         return torch.where(sharded, reduced, sums)
 
 

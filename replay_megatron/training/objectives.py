@@ -59,5 +59,5 @@ class RestrictedCE:
 
     def loss(self, output, micro_batch: ReplayMicroBatch):
         # `output` is [b, s, 1]: the per-position loss at stored positions, 0 elsewhere.
-        count = torch.tensor(float(micro_batch.targets.num_positions), device=output.device)
+        count = output.new_full((), float(micro_batch.targets.num_positions), dtype=torch.float32)  # no H2D copy
         return _per_token(output.float().sum(), count, "replay loss")

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from replay_megatron.ops import restricted_ce_with_kl, restricted_cross_entropy
+from replay_megatron.ops import restricted_ce_with_kl, restricted_cross_entropy, validate_candidates
 from replay_megatron.platform.device import host_to_device
 
 
@@ -41,15 +41,17 @@ class ReplayTargets:
         return ReplayTargets(*moved)
 
 
-def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable, *,
+def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable, *, vocab_size: int,
                    with_teacher: bool = False) -> ReplayTargets:
     """Gather the stored records of a micro-batch's samples; `lookup(sample_id)` returns a record with
     `positions`, `targets` and `candidates` (-1 padded), like `ReplayStore.get`, and with `with_teacher`
     also `candidate_logits` (the store's, kept when Stage 0 ran with collect.store_logits).
 
     The stored gold of every position must equal the batch's label there: a store made from other data
-    is refused here, naming the sample. `labels` are the host copy of the batch's labels: the join and its
-    check run on the host; `ReplayTargets.to` then moves the result to the device in one go.
+    is refused here, naming the sample, and so are candidate sets that break Stage 0's invariants (ids in
+    [0, vocab_size), no duplicates, gold included). `labels` are the host copy of the batch's labels: the
+    join and its checks run on the host, so the loss skips its own (a device sync per micro-batch);
+    `ReplayTargets.to` then moves the result to the device in one go.
     """
     if labels.device.type != "cpu":
         raise ValueError(f"replay_targets joins on the host: pass the batch's labels before they move to the "
@@ -72,9 +74,11 @@ def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Calla
                                  "needs a store collected with collect.store_logits")
             teacher.append(torch.as_tensor(record.candidate_logits, dtype=torch.float32))
     width = max((c.shape[1] for c in candidates), default=1)
-    return ReplayTargets(torch.cat(rows), torch.cat(positions), _pad_columns(candidates, width, -1, torch.long),
-                         torch.cat(targets),
-                         _pad_columns(teacher, width, float("-inf"), torch.float32) if with_teacher else None)
+    result = ReplayTargets(torch.cat(rows), torch.cat(positions), _pad_columns(candidates, width, -1, torch.long),
+                           torch.cat(targets),
+                           _pad_columns(teacher, width, float("-inf"), torch.float32) if with_teacher else None)
+    validate_candidates(result.candidates, result.targets, vocab_size)
+    return result
 
 
 def _pad_columns(parts: list[torch.Tensor], width: int, value, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +113,7 @@ def _restricted_forward(layer, targets: ReplayTargets, kl_weight: float, fuse_ma
         args = (h, weight, t.candidates, t.targets)
         options = dict(vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
                        tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
-                       fuse_main_grad=fuse_main_grad)
+                       fuse_main_grad=fuse_main_grad, validate=False)  # replay_targets validated them
         if kl_weight > 0:
             loss = restricted_ce_with_kl(*args, t.teacher_logits, kl_weight, **options)
         else:

@@ -279,6 +279,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
             batches = [b.to(device) for b in host]
             if t.loss == "replay":
                 batches = [ReplayMicroBatch(b, replay_targets(h.sample_ids, h.labels, inputs.store.get,
+                                                              vocab_size=hf["vocab_size"],
                                                               with_teacher=t.kl_weight > 0).to(device)
                                             if layout.is_last_stage else None) for b, h in zip(batches, host)]
             result = train_step(model, optimizer, batches, objective)
