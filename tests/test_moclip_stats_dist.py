@@ -6,8 +6,8 @@ whole model (parameters after 5 steps to 1e-6, the same cos(phi) sequence):
   both stages, the last stage's copy marked `shared` (megatron-core's PP tied-embedding attribute);
 - "tp": TP=2; a weight split by rows (`tensor_model_parallel`, `partition_dim=0`) and a norm weight
   replicated on both ranks (a TP duplicate).
-The mask is megatron-core's grad-norm rule (`counts_toward_global_stats`), the reducer one all-reduce
-per step (counted). Gradients are a deterministic function of the parameters, so a wrong step shows up
+The mask is megatron-core's grad-norm rule (`counts_toward_global_stats`), the reducer one collective
+per step (counted: an all-gather of the three float64 sums' bits, `platform.exact_sum`). Gradients are a deterministic function of the parameters, so a wrong step shows up
 in later gradients too. In the "tp" layout, TAM (TensorParallelSums) and MoFO (TensorParallelGather)
 must also equal their single-process runs.
 """
@@ -107,15 +107,22 @@ def _rank() -> dict:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     singletons = [dist.new_group([r]) for r in range(WORLD)]  # every rank takes part in every new_group
-    calls: list[tuple[str, int]] = []
-    all_reduce = dist.all_reduce
+    calls: list[tuple[str, str, int]] = []
 
-    @functools.wraps(all_reduce)
-    def counted(tensor, *args, **kwargs):
-        calls.append((str(kwargs.get("op", args[0] if args else dist.ReduceOp.SUM)), tensor.numel()))
-        return all_reduce(tensor, *args, **kwargs)
+    def counting(name: str):
+        collective = getattr(dist, name)
 
-    dist.all_reduce = counted
+        @functools.wraps(collective)
+        def counted(tensor, *args, **kwargs):
+            if name == "all_reduce":
+                calls.append((name, str(kwargs.get("op", args[0] if args else dist.ReduceOp.SUM)), tensor.numel()))
+            else:  # all_gather_into_tensor(output, input): what each rank sends
+                calls.append((name, str(args[0].dtype), args[0].numel()))
+            return collective(tensor, *args, **kwargs)
+        return counted
+
+    for collective in ("all_reduce", "all_gather_into_tensor"):
+        setattr(dist, collective, counting(collective))
     out = {}
     for layout, name in CASES:
         tp_group = singletons[rank] if layout == "pp" else dist.group.WORLD
@@ -123,7 +130,7 @@ def _rank() -> dict:
         params, cos = train(functools.partial(OPTIMIZERS[name], tp_group), local_params(layout, rank))
         # numpy: run_local's torch queue would share tensors by fd, which dies with the child
         out[(layout, name)] = ({k: t.numpy() for k, t in params.items()}, cos)
-        out[(layout, name, "all_reduce")] = list(calls)
+        out[(layout, name, "collectives")] = list(calls)
     return out
 
 
@@ -142,5 +149,5 @@ def test_distributed_statistics_equal_one_process():
                                        rtol=0, atol=TOL, equal_nan=True)
         if name == "moclip":
             assert sum(c == c and c < 0.7071 for c in single_cos) > 0, "45 degrees must clip in this case"
-            for r in results:  # one SUM all-reduce of the three sums per step, nothing else
-                assert r[(layout, name, "all_reduce")] == [(str(dist.ReduceOp.SUM), 3)] * STEPS
+            for r in results:  # one collective per step, nothing else: the three float64 sums' bits as 6 int32
+                assert r[(layout, name, "collectives")] == [("all_gather_into_tensor", str(torch.int32), 6)] * STEPS

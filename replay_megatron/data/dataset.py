@@ -41,7 +41,7 @@ class GPTBatch:
     position_ids: torch.Tensor  # [b, s]
     sample_ids: torch.Tensor  # [b]
 
-    def to(self, device: torch.device) -> GPTBatch:
+    def to(self, device: torch.device | str) -> GPTBatch:
         """The batch on `device` (built on the host, it reaches an accelerator once, through pinned memory)."""
         return GPTBatch(*(host_to_device(getattr(self, f.name), device) for f in fields(self)))
 

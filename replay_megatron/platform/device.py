@@ -81,9 +81,10 @@ def activate(device: Device) -> None:
             device_guard.activate()
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`tensor` (on the host) on `device`: through pinned memory without waiting on an accelerator, so a
     micro-batch's copies overlap the compute still queued; a plain `.to` on the CPU."""
+    device = torch.device(device)
     if device.type == "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
