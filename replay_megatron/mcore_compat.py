@@ -77,6 +77,41 @@ def inner_adam_class(cls: type) -> Iterator[None]:
             setattr(owner, name, original)
 
 
+def get_megatron_optimizer(config: Any, model_chunks: list) -> Any:
+    """megatron-core's `get_megatron_optimizer(config, model_chunks)`, with its distributed optimizer usable
+    without Transformer Engine (`_quantize_no_fp8_params_without_te`)."""
+    from megatron.core.optimizer import get_megatron_optimizer as build
+
+    _quantize_no_fp8_params_without_te()
+    return build(config, model_chunks)
+
+
+def _quantize_no_fp8_params_without_te() -> None:
+    """Let the DistributedOptimizer step without Transformer Engine (CPU, NPU).
+
+    Its every step calls `fp8_utils.quantize_param_shard` on the FP8 parameters it found. 0.16's TE-less
+    fallback returns for an empty list; 0.12's raises "Invalid Transformer Engine version for FP8
+    distributed optimizer" unconditionally. No config field avoids the call in 0.12 (the
+    precision-aware optimizer skips it but needs TE's FusedAdam), so, only where the installed fallback
+    raises for no FP8 parameters, it is replaced by 0.16's: nothing to do without FP8 parameters, the
+    original (and its error) with them. `quantize_param_shard` looks the implementation up at call time.
+    """
+    from megatron.core import fp8_utils
+
+    original = fp8_utils._quantize_param_shard_impl
+    try:
+        original([], [], [], None)
+        return  # already a no-op without FP8 parameters (0.16, or Transformer Engine installed)
+    except RuntimeError:
+        pass
+
+    def quantize_param_shard_impl(model_params: list, *args: Any, **kwargs: Any) -> None:
+        if len(model_params) > 0:
+            original(model_params, *args, **kwargs)
+
+    fp8_utils._quantize_param_shard_impl = quantize_param_shard_impl
+
+
 def grad_stats_group(optimizer: Any) -> Any:
     """The process group a megatron-core optimizer wrapper reduces its gradient norm over."""
     if hasattr(optimizer, "get_grad_stats_parallel_group"):
