@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from replay_megatron.mcore_compat import get_megatron_optimizer, grad_stats_group, inner_adam_class
+from replay_megatron.mcore_compat import (get_megatron_optimizer, grad_stats_group, inner_adam_class,
+                                          load_optimizer_state_dict)
 from replay_megatron.optim.moclip import MoClip
 from replay_megatron.optim.stats import GlobalSumsReducer, counts_toward_global_stats
 
@@ -126,7 +127,7 @@ def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
     beside them, are set here.
     """
     with torch.no_grad():
-        optimizer.load_state_dict(state_dict)
+        load_optimizer_state_dict(optimizer, state_dict)
     common = state_dict.get("optimizer", {}) if isinstance(state_dict, dict) else {}
     if common.get("moclip_counts") is not None:
         for moclip in moclip_optimizers(optimizer):
