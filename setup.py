@@ -14,6 +14,8 @@ setup(
         # 2.13.0 is the CPU wheel this project's CI machine has on disk; a bare `torch` would pull CUDA.
         "torch>=2.6,<=2.13.0",
         "megatron-core>=0.12.0,<=0.16.1",
+        # megatron-core 0.12's dist_checkpointing (torch_dist strategy) imports psutil without declaring it.
+        "psutil>=5.9",
         "transformers>=4.51",
         "numpy>=1.24",
         "sentencepiece>=0.2",

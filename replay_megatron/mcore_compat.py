@@ -77,6 +77,89 @@ def inner_adam_class(cls: type) -> Iterator[None]:
             setattr(owner, name, original)
 
 
+def get_megatron_optimizer(config: Any, model_chunks: list) -> Any:
+    """megatron-core's `get_megatron_optimizer(config, model_chunks)`, with its distributed optimizer usable
+    without Transformer Engine (`_quantize_no_fp8_params_without_te`)."""
+    from megatron.core.optimizer import get_megatron_optimizer as build
+
+    _quantize_no_fp8_params_without_te()
+    return build(config, model_chunks)
+
+
+def _quantize_no_fp8_params_without_te() -> None:
+    """Let the DistributedOptimizer step without Transformer Engine (CPU, NPU).
+
+    Its every step calls `fp8_utils.quantize_param_shard` on the FP8 parameters it found. 0.16's TE-less
+    fallback returns for an empty list; 0.12's raises "Invalid Transformer Engine version for FP8
+    distributed optimizer" unconditionally. No config field avoids the call in 0.12 (the
+    precision-aware optimizer skips it but needs TE's FusedAdam), so, only where the installed fallback
+    raises for no FP8 parameters, it is replaced by 0.16's: nothing to do without FP8 parameters, the
+    original (and its error) with them. `quantize_param_shard` looks the implementation up at call time.
+    """
+    from megatron.core import fp8_utils
+
+    original = fp8_utils._quantize_param_shard_impl
+    try:
+        original([], [], [], None)
+        return  # already a no-op without FP8 parameters (0.16, or Transformer Engine installed)
+    except RuntimeError:
+        pass
+
+    def quantize_param_shard_impl(model_params: list, *args: Any, **kwargs: Any) -> None:
+        if len(model_params) > 0:
+            original(model_params, *args, **kwargs)
+
+    fp8_utils._quantize_param_shard_impl = quantize_param_shard_impl
+
+
+_DP_ZERO = "dp_zero_gather_scatter"
+
+
+def optimizer_sharded_state_dict(optimizer: Any, model_sharded_state_dict: dict, is_loading: bool) -> dict:
+    """`optimizer.sharded_state_dict(...)` in a format that megatron-core's own torch_dist strategy saves
+    and loads back, for every wrapper (fp32, mixed precision, distributed).
+
+    The distributed optimizer's default format (`fully_sharded_model_space`) carries flattened ranges:
+    0.16's torch_dist load refuses them, and 0.12's dist_checkpointing handles them with `np.product`,
+    gone in NumPy 2. 0.16 takes the format as `metadata` and gets `dp_reshardable` (Megatron-LM's
+    choice); 0.12's wrappers take no `metadata` (its FP32Optimizer refuses it), and its
+    DistributedOptimizer gets `sharding_type='dp_zero_gather_scatter'` (state gathered on DP rank 0, one
+    object per TP x PP rank: Megatron-LM 0.12's format without fully parallel save).
+    """
+    from megatron.core.optimizer import MegatronOptimizer
+
+    if "metadata" in inspect.signature(MegatronOptimizer.sharded_state_dict).parameters:
+        return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                            metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    wrappers = getattr(optimizer, "chained_optimizers", [optimizer])  # a chain passes the format on
+    distributed = all("sharding_type" in inspect.signature(w.sharded_state_dict).parameters for w in wrappers)
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                        **({"sharding_type": _DP_ZERO} if distributed else {}))
+
+
+def load_optimizer_state_dict(optimizer: Any, state_dict: dict) -> None:
+    """`optimizer.load_state_dict(state_dict)` for the state that `dist_checkpointing.load` returned for
+    `optimizer_sharded_state_dict(..., is_loading=True)`.
+
+    The `dp_zero_gather_scatter` param state holds each parameter's fp32 copy, `exp_avg` and
+    `exp_avg_sq`, while megatron-core copies into every entry of the inner optimizer's per-parameter
+    state: a torch-style `step` (MoClip's, torch's AdamW's) raises KeyError there. So the distributed
+    optimizer loads everything else first (its param groups carry the step, and it sets every
+    per-parameter `step` from them), then its param state with `step` set aside.
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("param_state_sharding_type") != _DP_ZERO:
+        optimizer.load_state_dict(state_dict)
+        return
+    [distributed] = getattr(optimizer, "chained_optimizers", [optimizer])
+    optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "param_state"})
+    states = list(distributed.optimizer.state.values())
+    steps = [state.pop("step", None) for state in states]
+    distributed.load_parameter_state_from_dp_zero(state_dict["param_state"])
+    for state, step in zip(states, steps):
+        if step is not None:
+            state["step"] = step
+
+
 def grad_stats_group(optimizer: Any) -> Any:
     """The process group a megatron-core optimizer wrapper reduces its gradient norm over."""
     if hasattr(optimizer, "get_grad_stats_parallel_group"):

@@ -14,6 +14,8 @@ from replay_megatron.models.checkpoint import (META_FILE, CheckpointMismatch, co
 from replay_megatron.models.qwen3 import NotQwen3Error
 from replay_megatron.platform.spawn import run_local
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 
 def save_hf(tmp_path, name, seed=0):
     hf_dir = tmp_path / f"hf-{name}"

@@ -21,6 +21,8 @@ from replay_megatron.platform.spawn import run_local
 from replay_megatron.replay.collect import TIMING_RECORD
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 
 TAU, K_MAX = 0.9, 16
 NEAR_TAU = 1e-5

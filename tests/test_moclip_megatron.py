@@ -10,6 +10,8 @@ from qwen3_fixtures import hf_state_dict, tiny_hf_config, tiny_hf_model
 from replay_megatron.platform.spawn import run_local
 from test_train_step_parity import make_micro_batches
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 TOL = 1e-5
 STEPS = 5
 # Small enough that the angle clip fires on some of the 5 steps of this data (asserted below).
@@ -116,6 +118,7 @@ def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
 
     from megatron.core import dist_checkpointing
 
+    from replay_megatron.mcore_compat import optimizer_sharded_state_dict
     from replay_megatron.models.checkpoint import _sync_torch_dist_strategy
     from replay_megatron.models.conversion import load_hf_into_model
     from replay_megatron.optim.megatron import build_optimizer, load_optimizer_state, moclip_optimizers
@@ -141,11 +144,8 @@ def resume_run(hf, hf_sd, per_rank_steps, directory, distributed):
         return stats
 
     def sharded(model, optimizer, is_loading):
-        # megatron-core 0.16's default optimizer format (fully_sharded_model_space) builds ShardedTensors
-        # with flattened_range, which its own dist_checkpointing refuses; dp_reshardable is Megatron-LM's.
         model_sd = model.module.sharded_state_dict()
-        return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
+        return {"model": model_sd, "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading)}
 
     model, optimizer = fresh()
     run(model, optimizer, steps[:3])

@@ -6,6 +6,8 @@ from qwen3_fixtures import hf_state_dict, random_tokens, tiny_hf_config, tiny_hf
 from replay_megatron.models.parity import compare_logits, megatron_logits_on_rank
 from replay_megatron.platform.spawn import run_local
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 TOL = 1e-4
 
 

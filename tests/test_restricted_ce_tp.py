@@ -20,6 +20,8 @@ from replay_megatron.ops import restricted_cross_entropy, restricted_kl_divergen
 from replay_megatron.platform.spawn import run_local
 from test_restricted_ce import loss_and_grads, make_case, rel_err
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 WORLD, V = 2, 54
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
 CASES = [(0, 4), (1, None)]  # (seed, chunk_size)

@@ -18,6 +18,8 @@ from replay_megatron.platform.spawn import run_local
 from replay_megatron.training import run_dir as layout_of_run
 from train_fixtures import make_training_root
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 
 CURVE_KEYS = ("loss", "grad_norm", "cos_phi", "clip_rate", "lr", "consumed_samples", "skipped")
 

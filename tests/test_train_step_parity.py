@@ -6,6 +6,8 @@ import torch
 from qwen3_fixtures import hf_state_dict, tiny_hf_config, tiny_hf_model
 from replay_megatron.platform.spawn import run_local
 
+pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
+
 TOL = 1e-5
 
 

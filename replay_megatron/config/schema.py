@@ -35,6 +35,16 @@ class RunSection(Section):
 class PlatformSection(Section):
     device: Literal["auto", "cpu", "cuda", "npu"] = Field(
         "auto", description="accelerator: auto = npu if torch_npu works, else cuda, else cpu (gloo)")
+    mindspeed_adaptor: Literal["auto", "on", "off"] = Field(
+        "auto", description="MindSpeed's megatron adaptor (fused attention, RMSNorm, SwiGLU, RoPE on NPU): "
+                            "auto = applied on an NPU where `mindspeed` is installed, on = always (refused "
+                            "when it does not import), off = never. Untested without an NPU")
+
+    @field_validator("mindspeed_adaptor", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """YAML reads a bare on / off as a boolean."""
+        return ("on" if v else "off") if isinstance(v, bool) else v
 
 
 class ModelSection(Section):

@@ -104,7 +104,7 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
     hf = model_hf_config(cfg)
     layout = initialize(device=cfg.platform.device, tp=cfg.parallel.tensor_model_parallel_size,
                         pp=cfg.parallel.pipeline_model_parallel_size, seed=cfg.run.seed,
-                        num_layers=hf["num_hidden_layers"])
+                        num_layers=hf["num_hidden_layers"], mindspeed_adaptor=cfg.platform.mindspeed_adaptor)
     base = _model_stage(cfg, hf, layout, paths["base"])
     final = _model_stage(cfg, hf, layout, paths["final"])
     result: dict[str, Any] = {

@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from replay_megatron.mcore_compat import grad_stats_group, inner_adam_class
+from replay_megatron.mcore_compat import (get_megatron_optimizer, grad_stats_group, inner_adam_class,
+                                          load_optimizer_state_dict)
 from replay_megatron.optim.moclip import MoClip
 from replay_megatron.optim.stats import GlobalSumsReducer, counts_toward_global_stats
 
@@ -80,7 +81,7 @@ def build_optimizer(name: str, model_chunks: Sequence[Any], *, lr: float, weight
     MoClip None keeps the atan2 update, a number gives Adam's division ("MoClip without atan2").
     `config_kwargs` go to megatron's `OptimizerConfig` as they are (e.g. `min_lr`).
     """
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
 
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
@@ -126,7 +127,7 @@ def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
     beside them, are set here.
     """
     with torch.no_grad():
-        optimizer.load_state_dict(state_dict)
+        load_optimizer_state_dict(optimizer, state_dict)
     common = state_dict.get("optimizer", {}) if isinstance(state_dict, dict) else {}
     if common.get("moclip_counts") is not None:
         for moclip in moclip_optimizers(optimizer):

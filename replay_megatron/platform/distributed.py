@@ -18,6 +18,7 @@ import torch.distributed as dist
 from replay_megatron import mcore_compat
 from replay_megatron.platform.device import Device, activate, resolve_device
 from replay_megatron.platform.launch_env import LaunchEnv, read_launch_env
+from replay_megatron.platform.mindspeed import apply_mindspeed_adaptor
 
 
 class ParallelConfigError(ValueError):
@@ -75,14 +76,18 @@ def seed_everything(seed: int) -> None:
 
 
 def initialize(*, device: str = "auto", tp: int = 1, pp: int = 1, seed: int = 1234,
-               num_layers: int | None = None, timeout_minutes: int = 30,
+               num_layers: int | None = None, timeout_minutes: int = 30, mindspeed_adaptor: str = "auto",
                environ: Mapping[str, str] = os.environ) -> ParallelLayout:
-    """Initialise this process for a TP x PP x DP job launched by torchrun, msrun or as one process."""
+    """Initialise this process for a TP x PP x DP job launched by torchrun, msrun or as one process.
+
+    `mindspeed_adaptor`: `platform.mindspeed_adaptor` (auto | on | off, see `platform.mindspeed`).
+    """
     mcore_compat.check_version()
     env: LaunchEnv = read_launch_env(environ)
     check_parallel_sizes(env.world_size, tp, pp, num_layers)
     dev = resolve_device(device, env.local_rank)
     activate(dev)
+    apply_mindspeed_adaptor(mindspeed_adaptor, dev.type)
     if not dist.is_initialized():
         dist.init_process_group(backend=dev.backend, init_method=env.init_method, rank=env.rank,
                                 world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))

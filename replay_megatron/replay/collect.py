@@ -265,7 +265,7 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     store_dir = Path(cfg.input_path(cfg.collect.store_dir))
     layout = initialize(device=cfg.platform.device, tp=cfg.parallel.tensor_model_parallel_size,
                         pp=cfg.parallel.pipeline_model_parallel_size, seed=cfg.run.seed,
-                        num_layers=hf["num_hidden_layers"])
+                        num_layers=hf["num_hidden_layers"], mindspeed_adaptor=cfg.platform.mindspeed_adaptor)
     if layout.rank == 0:
         store_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(store_dir / START_RECORD, record)

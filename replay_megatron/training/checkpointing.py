@@ -3,9 +3,9 @@
 Weights go through `models.checkpoint.save_megatron` (megatron-core distributed checkpoint: they load at
 any TP/PP). The optimizer state is megatron's own `sharded_state_dict` (MoClip's moments and step
 included): the plain and mixed-precision optimizers' state maps to the model's sharded tensors and
-reshards to any TP/PP like the weights; the distributed optimizer's (`dp_reshardable`) loads only at the
-TP/PP it was saved at, so a resume at another layout then keeps weights and data position and starts
-fresh optimizer state (and says so).
+reshards to any TP/PP like the weights; the distributed optimizer's (in the format that
+`mcore_compat.optimizer_sharded_state_dict` picks) loads only at the TP/PP it was saved at, so a resume
+at another layout then keeps weights and data position and starts fresh optimizer state (and says so).
 `train_state.json` is written last and `checkpoints/latest` after it, so a checkpoint a crash cut short
 is never resumed from.
 """
@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
+from replay_megatron.mcore_compat import optimizer_sharded_state_dict
 from replay_megatron.training import run_dir as layout_of_run
 
 
@@ -36,11 +37,7 @@ class TrainState:
 
 
 def _sharded_optimizer_state(model, optimizer, is_loading: bool) -> dict:
-    model_sd = model.module.sharded_state_dict()
-    # dp_reshardable: megatron-core 0.16's default fully-sharded format carries flattened ranges its own
-    # torch_dist strategy refuses on load; Megatron-LM uses this format for the same reason.
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    return optimizer_sharded_state_dict(optimizer, model.module.sharded_state_dict(), is_loading)
 
 
 def save_checkpoint(run_dir: str | Path, state: TrainState, model, optimizer, hf: Mapping[str, Any]) -> Path:

@@ -227,7 +227,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     run_dir = cfg.run_dir
     layout = initialize(device=cfg.platform.device, tp=cfg.parallel.tensor_model_parallel_size,
                         pp=cfg.parallel.pipeline_model_parallel_size, seed=cfg.run.seed,
-                        num_layers=hf["num_hidden_layers"])
+                        num_layers=hf["num_hidden_layers"], mindspeed_adaptor=cfg.platform.mindspeed_adaptor)
     device = layout.device.torch_device
     t = cfg.train
     n_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, layout.dp)
