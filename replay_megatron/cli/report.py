@@ -1,9 +1,11 @@
-"""`replay-megatron report RUN_DIR... [--out DIR]`: runs side by side (SPEC.md section 5 metrics).
+"""`replay-megatron report RUN_DIR... [--base RUN_DIR] [--out DIR]`: runs side by side (SPEC.md section 5).
 
-Writes `report.md` (one column per run), `report.json` (the same numbers) and `plots/*.png` (loss, gradient
-norm, MoClip cos(phi) against the step; K_t histograms of replay runs) into DIR: by default the run dir
-itself for one run, `./report` for several. Needs metrics.jsonl in each run; resolved.yaml, summary.json,
-eval.json and the replay store are used when present ("-" otherwise). Exit codes: 0 done, 2 refused input.
+Writes `report.md` (one column per run; runs that differ only in run.seed share one, mean ± std; the
+base's perplexity and domain accuracy first with --base), `report.json` (the same numbers, every run's own
+too) and `plots/*.png` (loss, gradient norm, MoClip cos(phi) against the step; K_t histograms of the replay
+stores) into DIR: by default the run dir itself for one run, `./report` for several. Needs metrics.jsonl in
+each run; resolved.yaml, summary.json, eval.json and the replay store are used when present ("-"
+otherwise). Exit codes: 0 done, 2 refused input.
 """
 from __future__ import annotations
 
