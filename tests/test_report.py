@@ -146,7 +146,8 @@ def test_repeats_over_seeds_share_a_column_with_mean_and_std_beside_the_base(tmp
              _run_of(tmp_path, 3, 4.0, 16.0, 0.4, base_perplexity=10.5)]
     other = _run_of(tmp_path, 4, 3.0, 13.0, 0.5, "optimizer.lr=2e-3")
     base = _run_of(tmp_path, 5, 0.5, 10.0, 0.1, "run.name=base")
-    report = write_report([*seeds, other], tmp_path / "out", base_dir=base)
+    assert main(["report", "--base", str(base), *map(str, seeds), str(other), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
 
     assert [r["name"] for r in report["runs"]] == ["sft seed 1", "sft seed 2", "sft seed 3", "sft seed 4"]
     repeats, single = report["columns"]

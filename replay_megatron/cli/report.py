@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `report`."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train's output)")
     parser.add_argument("--out", help="output directory (default: the run dir for one run, ./report for several)")
+    parser.add_argument("--base", metavar="RUN_DIR", help="the base model's run directory, evaluated by `eval`: a "
+                                                          "first column with its perplexity and domain accuracy")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) if len(args.run_dirs) == 1 else Path("report")
     try:
-        report = write_report(args.run_dirs, out)
+        report = write_report(args.run_dirs, out, args.base)
     except (ValueError, FileNotFoundError, ReplayStoreError) as e:
         refuse("report", e)
     print(f"report: {out / REPORT_MD} ({len(report['runs'])} runs, {len(report['plots'])} plots)")
