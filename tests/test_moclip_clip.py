@@ -1,10 +1,13 @@
 """Property tests of MoClip's clip and update (SPEC.md section 3) on random vectors (hypothesis).
 
-The clip math is checked in float64 against the geometry it promises: after clipping the angle to the
-previous momentum is exactly the cap (so <= max_angle, paper Lemma 2), g is untouched within the cap,
-paper and rotate modes give the same angle, and an exactly opposite g becomes 0. The optimizer is
-checked for Lemma 3 (|update_i| <= lr*a*pi/2 before weight decay) and for finite updates when the
-gradient or the momentum is zero.
+The clip math is checked in float64 against the geometry SPEC section 3 step 2 promises. Paper mode
+(eq. 5, either sign of <m, g>): the cap is active exactly when |cos(m, g)| < cos(max_angle) and never
+from 90 degrees on; a clipped g' keeps g's component along m (so <m, g'> = <m, g>), lies exactly
+max_angle from the line of m (|cos(m, g')| = cos(max_angle), paper Lemma 2 for <m, g> > 0) and is no
+longer than g; g orthogonal to m becomes 0. Rotate mode (the ablation): the angle to m becomes exactly
+max_angle, |g'| = |g|, and an exactly opposite g becomes 0. For <m, g> > 0 both modes clip the same
+gradients to the same angle. The optimizer is checked for Lemma 3 (|update_i| <= lr*a*pi/2 before
+weight decay) and for finite updates when the gradient or the momentum is zero.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from replay_megatron.optim import MoClip
 from replay_megatron.optim.clip import clip_coefficients
 
 ANGLE_TOL_DEG = 1e-4
+REL_TOL = 1e-9
 SETTINGS = settings(max_examples=100, deadline=None)
 
 coord = st.floats(-100.0, 100.0, allow_nan=False, allow_subnormal=False).map(lambda x: 0.0 if abs(x) < 1e-3 else x)
@@ -26,17 +30,20 @@ cap = st.one_of(st.sampled_from([30.0, 45.0, 60.0, 90.0, 135.0, 180.0]), st.floa
 
 @st.composite
 def momentum_and_grad(draw):
-    """(m, g) float64 vectors: independent, or g a multiple of m (parallel/opposite), or zeros."""
+    """(m, g) float64 vectors: independent; g a multiple of m (parallel/opposite), alone or plus a
+    perturbation (near either end of the line of m); g exactly orthogonal to m (disjoint supports); zeros."""
     n = draw(st.integers(2, 12))
     vec = st.lists(coord, min_size=n, max_size=n).map(lambda xs: torch.tensor(xs, dtype=torch.float64))
-    m = draw(vec)
-    kind = draw(st.sampled_from(["free", "multiple", "zero"]))
-    if kind == "multiple":
-        g = m * draw(st.sampled_from([-2.0, -1.0, -0.5, 0.5, 3.0]))
+    m, g = draw(vec), draw(vec)
+    kind = draw(st.sampled_from(["free", "multiple", "near", "orthogonal", "zero"]))
+    if kind in ("multiple", "near"):
+        g = m * draw(st.sampled_from([-2.0, -1.0, -0.5, 0.5, 3.0])) + (
+            g * draw(st.sampled_from([0.01, 0.1, 0.5])) if kind == "near" else 0.0)
+    elif kind == "orthogonal":
+        first = torch.arange(n) < n // 2
+        m, g = m * first, g * ~first
     elif kind == "zero":
         g = torch.zeros(n, dtype=torch.float64)
-    else:
-        g = draw(vec)
     return m, g
 
 
@@ -50,32 +57,65 @@ def clipped_grad(m: torch.Tensor, g: torch.Tensor, max_angle: float, mode: str):
     return c, c.alpha * g + c.beta * m
 
 
+def close(a: float, b: float, scale: float) -> bool:
+    return abs(a - b) <= REL_TOL * max(1.0, scale)
+
+
 @SETTINGS
 @given(momentum_and_grad(), cap)
-def test_clip_caps_the_angle_and_leaves_small_angles_alone(mg, max_angle):
+def test_paper_clip_caps_the_angle_to_the_line_of_m_keeping_g_par(mg, max_angle):
     m, g = mg
-    defined = bool(m.norm() > 0 and g.norm() > 0)
-    angles = {}
-    for mode in ("paper", "rotate"):
-        c, gp = clipped_grad(m, g, max_angle, mode)
-        if not c.clipped:
-            assert c.alpha.item() == 1.0 and c.beta.item() == 0.0  # g' = g, bit for bit
-            assert not defined or angle_deg(m, g) <= max_angle + ANGLE_TOL_DEG
-            continue
-        assert defined and angle_deg(m, g) > max_angle - ANGLE_TOL_DEG
-        if c.opposite:  # exactly opposite: nothing of g survives
-            assert angle_deg(m, g) > 179.9 and torch.count_nonzero(gp) == 0
-            angles[mode] = None
-            continue
-        angles[mode] = angle_deg(m, gp)
-        assert abs(angles[mode] - max_angle) <= ANGLE_TOL_DEG  # Lemma 2, with equality at the cap
-        assert abs(c.clipped_grad_norm.item() - gp.norm().item()) <= 1e-9 * max(1.0, gp.norm().item())
-        if mode == "rotate":
-            torch.testing.assert_close(gp.norm(), g.norm(), rtol=1e-9, atol=0)
-    if len(angles) == 2 and None not in angles.values():
-        assert abs(angles["paper"] - angles["rotate"]) <= ANGLE_TOL_DEG
-    else:
-        assert len(angles) in (0, 2)  # both modes agree on whether (and how) to clip
+    c, gp = clipped_grad(m, g, max_angle, "paper")
+    assert not c.opposite
+    if not c.clipped:
+        assert c.alpha.item() == 1.0 and c.beta.item() == 0.0  # g' = g, bit for bit
+        if m.norm() > 0 and g.norm() > 0 and max_angle < 90:  # within max_angle of the line of m
+            assert min(angle_deg(m, g), 180.0 - angle_deg(m, g)) <= max_angle + ANGLE_TOL_DEG
+        return
+    assert m.norm() > 0 and g.norm() > 0 and max_angle < 90
+    phi = angle_deg(m, g)
+    assert min(phi, 180.0 - phi) > max_angle - ANGLE_TOL_DEG
+    d, scale = (m @ g).item(), (m.norm() * g.norm()).item()
+    assert close((m @ gp).item(), d, scale)  # the component along m is kept, sign included
+    assert gp.norm().item() <= g.norm().item() * (1 + REL_TOL)
+    assert close(c.clipped_grad_norm.item(), gp.norm().item(), g.norm().item())
+    if d == 0.0:  # orthogonal: no component along m, so nothing survives the cap
+        assert torch.count_nonzero(gp) == 0
+        return
+    expected = max_angle if d > 0 else 180.0 - max_angle  # Lemma 2 (d > 0), with equality at the cap
+    assert abs(angle_deg(m, gp) - expected) <= ANGLE_TOL_DEG
+    assert close(gp.norm().item(), abs(d) / m.norm().item() / math.cos(math.radians(max_angle)), g.norm().item())
+
+
+@SETTINGS
+@given(momentum_and_grad(), cap)
+def test_rotate_clip_turns_g_to_the_cap_keeping_its_norm(mg, max_angle):
+    m, g = mg
+    c, gp = clipped_grad(m, g, max_angle, "rotate")
+    if not c.clipped:
+        assert c.alpha.item() == 1.0 and c.beta.item() == 0.0 and not c.opposite
+        assert not (m.norm() > 0 and g.norm() > 0) or angle_deg(m, g) <= max_angle + ANGLE_TOL_DEG
+        return
+    assert m.norm() > 0 and g.norm() > 0 and angle_deg(m, g) > max_angle - ANGLE_TOL_DEG
+    if c.opposite:  # exactly opposite: nothing of g survives
+        assert angle_deg(m, g) > 179.9 and torch.count_nonzero(gp) == 0
+        return
+    assert abs(angle_deg(m, gp) - max_angle) <= ANGLE_TOL_DEG
+    torch.testing.assert_close(gp.norm(), g.norm(), rtol=REL_TOL, atol=0)
+    assert close(c.clipped_grad_norm.item(), gp.norm().item(), g.norm().item())
+
+
+@SETTINGS
+@given(momentum_and_grad(), cap)
+def test_modes_agree_when_g_leans_towards_m(mg, max_angle):
+    """For <m, g> > 0 eq. 5 and the rotation clip the same gradients, to the same angle max_angle."""
+    m, g = mg
+    if not (m @ g).item() > 0 or max_angle >= 90:
+        return
+    (paper, gp), (rotate, gr) = (clipped_grad(m, g, max_angle, mode) for mode in ("paper", "rotate"))
+    assert bool(paper.clipped) == bool(rotate.clipped)
+    if paper.clipped:
+        assert abs(angle_deg(m, gp) - angle_deg(m, gr)) <= ANGLE_TOL_DEG
 
 
 @st.composite

@@ -117,6 +117,60 @@ def test_report_numbers_table_and_plots(runs, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _run_of(tmp_path: Path, seed: int, loss: float, perplexity: float, accuracy: float, *overrides: str,
+            base_perplexity: float = 10.0) -> Path:
+    """A full-softmax run of configs/base/cpu_tiny.yaml with `run.seed=seed` (under runs/seed<seed>): two
+    logged steps ending at `loss`, and an eval.json."""
+    from replay_megatron.config import load_config, save_resolved
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/base/cpu_tiny.yaml",
+                      ["run.name=sft", f"run.seed={seed}", f"run.out_dir={tmp_path / 'runs' / f'seed{seed}'}",
+                       "train.loss=full", f"run.data_root={tmp_path}", *overrides])
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    save_resolved(cfg, run)
+    _jsonl(run / "metrics.jsonl", _metrics([loss + 1, loss], [1.0, 1.0], [0.5, 0.5], [100, 100]))
+    (run / "eval.json").write_text(json.dumps({
+        "base": {"perplexity": base_perplexity}, "finetuned": {"perplexity": perplexity},
+        "perplexity_change": perplexity - base_perplexity,
+        "perplexity_change_rel": (perplexity - base_perplexity) / base_perplexity, "relative_l2": 0.1,
+        "domain": {"accuracy": accuracy}}))
+    return run
+
+
+def test_repeats_over_seeds_share_a_column_with_mean_and_std_beside_the_base(tmp_path):
+    """Three seeds of one config: one column, mean ± sample std by hand; a run with another lr its own
+    column; the base column shows only its own eval (perplexity, domain accuracy); a run whose eval saw
+    another base perplexity is named in a note."""
+    seeds = [_run_of(tmp_path, 1, 1.0, 11.0, 0.2), _run_of(tmp_path, 2, 2.0, 12.0, 0.3),
+             _run_of(tmp_path, 3, 4.0, 16.0, 0.4, base_perplexity=10.5)]
+    other = _run_of(tmp_path, 4, 3.0, 13.0, 0.5, "optimizer.lr=2e-3")
+    base = _run_of(tmp_path, 5, 0.5, 10.0, 0.1, "run.name=base")
+    assert main(["report", "--base", str(base), *map(str, seeds), str(other), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    assert [r["name"] for r in report["runs"]] == ["sft seed 1", "sft seed 2", "sft seed 3", "sft seed 4"]
+    repeats, single = report["columns"]
+    assert repeats["seeds"] == [1, 2, 3] and single["seeds"] == [4]
+    assert repeats["mean"]["final_loss"] == pytest.approx(7 / 3)
+    assert repeats["std"]["final_loss"] == pytest.approx(math.sqrt(7 / 3))  # squared deviations 42/9, over n-1
+    assert repeats["mean"]["perplexity"] == 13.0 and repeats["std"]["perplexity"] == pytest.approx(math.sqrt(7))
+    assert repeats["mean"]["steps"] == 2 and repeats["std"]["steps"] is None  # shared by all: as it is
+    assert single["mean"]["final_loss"] == 3.0 and single["std"]["final_loss"] is None
+    assert report["base"]["perplexity"] == 10.0 and report["base"]["domain_accuracy"] == 0.1
+    assert report["notes"] == [f"{seeds[2]}: its eval's base perplexity 10.5000 is not the base column's 10.0000 "
+                               "(other base weights or eval data)"]
+    md = (tmp_path / "out" / "report.md").read_text().splitlines()
+    labels = (single["label"], repeats["label"])
+    assert labels[0] == str(other) and labels[1] == str(seeds[0]), labels  # one name, two configs
+    for row in (f"| metric | base | {seeds[0]} (n=3) | {other} |",
+                "| final loss | - | 2.3333 ± 1.5275 | 3.0000 |",
+                "| general perplexity (held-out) | 10.0000 | 13.0000 ± 2.6458 | 13.0000 |",
+                "| domain accuracy | 0.100 | 0.300 ± 0.100 | 0.500 |", "| steps | - | 2 | 2 |",
+                "| relative L2 to base | - | 1.000e-01 | 1.000e-01 |"):
+        assert row in md, row
+
+
 def test_k_values_are_the_stores_per_position_counts(runs):
     from replay_megatron.reporting.plots import k_values
 

@@ -7,7 +7,7 @@ One step:
 3. `m = b1 m + (1-b1) g'`, `v = b2 v + (1-b2) g'^2`;
 4.-6. `theta *= 1 - lr*weight_decay`, then `theta -= lr*a*atan2(mhat, b*sqrt(vhat))` (no epsilon).
 With `eps` set, step 6 is Adam's division `mhat/(sqrt(vhat)+eps)` ("MoClip without atan2"); with
-`max_angle=180` nothing is clipped (Adam-atan2).
+`max_angle=180` nothing is clipped (Adam-atan2; in paper mode already from 90 degrees on).
 
 The optimizer works on whatever tensors it is given, whole parameters or distributed-optimizer shards:
 every operation is elementwise except the three sums. State is fp32 whatever the parameter dtype, and is
@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from replay_megatron.optim.clip import AngleClip, check_clip_args, clip_coefficients
+from replay_megatron.optim.clip import AngleClip, check_clip_args, clip_coefficients, never_clips
 
 StatsReducer = Callable[[Tensor], Tensor]
 
@@ -58,8 +58,8 @@ class MoClipStats:
     """Statistics of the last step and running counts, as tensors on the statistics device."""
 
     cos_phi: Tensor  # NaN on the first step or when m or g is zero
-    clipped: Tensor  # bool
-    opposite: Tensor  # bool: g exactly opposite m, g' = 0
+    clipped: Tensor  # bool: the cap was active
+    opposite: Tensor  # bool, rotate mode only: g exactly opposite m, g' = 0
     grad_norm: Tensor  # |g| over the whole (logical) model
     clipped_grad_norm: Tensor  # |g'|
     steps: int  # steps taken by this optimizer (running, since construction or load_state_dict)
@@ -411,9 +411,11 @@ class MoClip(torch.optim.Optimizer):
         if self.stats_reducer is not None:  # collective: every rank calls it, with or without params
             sums = self.stats_reducer(sums)
         clip = clip_coefficients(sums[0], sums[1], sums[2], self.max_angle, self.mode)
-        # g' = g for sure: on the first step, with clipping off, or when the (free on CPU) flag says so.
-        # Skipping the build changes nothing (alpha = 1, beta = 0); on accelerators the flag stays put.
-        unclipped = first or self.max_angle >= 180.0 or (device.type == "cpu" and not bool(clip.clipped))
+        # g' = g for sure: on the first step, with an angle that never clips, or when the (free on CPU)
+        # flag says so. Skipping the build changes nothing (alpha = 1, beta = 0); on accelerators the flag
+        # stays put.
+        unclipped = (first or never_clips(self.max_angle, self.mode)
+                     or (device.type == "cpu" and not bool(clip.clipped)))
         applied = None if unclipped else (clip.alpha.float(), clip.beta.float())
         for b in buckets:
             if b.path == "fused":

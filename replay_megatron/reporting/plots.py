@@ -1,5 +1,5 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed): one line per run for loss, gradient
-norm and MoClip's cos(phi) against the step, and the K_t (|S_t|) histogram of each replay run's store."""
+norm and MoClip's cos(phi) against the step, and the K_t (|S_t|) histogram of each replay store the runs used."""
 from __future__ import annotations
 
 import io
@@ -84,8 +84,10 @@ def write_plots(runs: Sequence[RunData], labels: Sequence[str], plots_dir: Path)
     written = [_line_plot(runs, labels, "loss", "training loss", plots_dir / "loss.png"),
                _line_plot(runs, labels, "grad_norm", "gradient norm |g|", plots_dir / "grad_norm.png"),
                _line_plot(runs, labels, "cos_phi", "MoClip cos(phi)", plots_dir / "cos_phi.png")]
+    stores = set()  # runs sharing a store (other optimizers, other seeds) share its histogram
     for index, (data, label) in enumerate(zip(runs, labels)):
-        if data.store_dir is not None:
+        if data.store_dir is not None and data.store_dir.resolve() not in stores:
+            stores.add(data.store_dir.resolve())
             written.append(k_histogram(data.store_dir, label, plots_dir / f"k_hist_{index}_{_slug(label)}.png"))
     return [p for p in written if p is not None]
 

@@ -111,6 +111,16 @@ def store_figures(store_dir: Path) -> dict[str, Any]:
             "k_mean": s["k_mean"]}
 
 
+def repeat_key(data: RunData) -> str:
+    """Runs with equal keys are repeats of one run that differ only in `run.seed` (and where they were
+    written, `run.out_dir`); a run without resolved.yaml is a repeat of none."""
+    if data.config is None:
+        return f"dir:{data.run_dir.resolve()}"
+    config = data.config.model_dump(mode="json")
+    config["run"] = {k: v for k, v in config["run"].items() if k not in ("seed", "out_dir")}
+    return json.dumps(config, sort_keys=True)
+
+
 def run_row(data: RunData) -> dict[str, Any]:
     """The report's numbers for one run (None = not available)."""
     ok = [r for r in data.metrics if not r.get("skipped")]
@@ -123,7 +133,7 @@ def run_row(data: RunData) -> dict[str, Any]:
     peaks = _finite(r.get("peak_memory_bytes") for r in data.metrics)
     row = {
         "run_dir": str(data.run_dir), "name": data.config.run.name if data.config else data.run_dir.name,
-        "method": method_name(data),
+        "method": method_name(data), "seed": data.config.run.seed if data.config else None,
         "steps": (data.summary or {}).get("steps") or (data.metrics[-1]["step"] if data.metrics else None),
         "final_loss": final_loss,
         "loss_std": stability.get("loss_std"), "grad_norm_cv": stability.get("grad_norm_cv"),
@@ -131,6 +141,8 @@ def run_row(data: RunData) -> dict[str, Any]:
         "median_step_time_s": _median(data.metrics, "step_time_s"),
         "tokens_per_s": _median(data.metrics, "tokens_per_s"),
         "peak_memory_bytes": int(max(peaks)) if peaks else None,
+        "perplexity": (ev.get("finetuned") or {}).get("perplexity"),
+        "base_perplexity": (ev.get("base") or {}).get("perplexity"),
         "perplexity_change": ev.get("perplexity_change"), "perplexity_change_rel": ev.get("perplexity_change_rel"),
         "relative_l2": ev.get("relative_l2"), "domain_accuracy": domain.get("accuracy"),
         "stage0_time_s": None, "stage0_s_per_micro_batch": None, "storage_bytes_per_position": None,
