@@ -2,7 +2,7 @@
 
 One step:
 1. global sums `d = <m_{t-1}, g>`, `mm = |m_{t-1}|^2`, `gg = |g|^2` over the parameters this rank counts
-   (`counts_toward_stats`, default all), then `stats_reducer` (one all-reduce in distributed runs);
+   (`counts_toward_stats`, default all), then `stats_reducer` (one collective in distributed runs);
 2. the angle clip as two global scalars, `g' = alpha*g + beta*m_{t-1}` (`clip.clip_coefficients`);
 3. `m = b1 m + (1-b1) g'`, `v = b2 v + (1-b2) g'^2`;
 4.-6. `theta *= 1 - lr*weight_decay`, then `theta -= lr*a*atan2(mhat, b*sqrt(vhat))` (no epsilon).
