@@ -62,7 +62,7 @@ def _is_tp_sharded(param: Tensor) -> bool:
 
 
 class TensorParallelSums:
-    """TAM's per-tensor hook: sums of TP-sharded tensors all-reduced over `tp_group`, in one collective.
+    """TAM's per-tensor hook: sums of TP-sharded tensors summed over `tp_group` in float64, in one collective.
 
     Rows of tensors that are not TP-sharded are whole on every TP rank already and are kept as they are.
     """
@@ -72,11 +72,8 @@ class TensorParallelSums:
 
     def __call__(self, params: Sequence[Tensor], sums: Tensor) -> Tensor:
         sharded = torch.tensor([_is_tp_sharded(p) for p in params], device=sums.device).unsqueeze(1)
-        reduced = torch.where(sharded, sums, torch.zeros_like(sums))
-        if reduced.dtype == torch.float64:  # HCCL has no float64 all-reduce
-            reduced = all_reduce_float64(reduced.reshape(-1), group=self.tp_group).view_as(sums)
-        else:
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.tp_group)
+        reduced = torch.where(sharded, sums, torch.zeros_like(sums)).double().reshape(-1)
+        reduced = all_reduce_float64(reduced, group=self.tp_group).view(sums.shape).to(sums.dtype)
         return torch.where(sharded, reduced, sums)
 
 

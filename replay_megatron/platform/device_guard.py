@@ -54,8 +54,9 @@ _ELEMENTWISE = frozenset(
     "addcdiv atan2 copysign neg abs sqrt rsqrt exp log masked_fill fill radd rsub rmul rdiv rtruediv rpow "
     "iadd isub imul idiv itruediv and or xor rand ror rxor".split())
 _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_"})
-_COPIES = frozenset({"copy_", "to", "cpu", "cuda", "pin_memory", "is_pinned", "new_tensor", "new_zeros",
-                     "new_ones", "new_empty", "new_full"})
+# moves between the sides (`to`, `cpu`, `cuda`) are handled apart; these take `self`'s side
+_COPIES = frozenset({"copy_", "pin_memory", "is_pinned", "new_tensor", "new_zeros", "new_ones", "new_empty",
+                     "new_full"})
 
 _state = threading.local()
 _ACTIVE = False
@@ -153,7 +154,7 @@ class _Guard(TorchFunctionMode):
         out = func(*args, **kwargs)
         if name == "cpu":
             to_host = True
-        elif name == "cuda":
+        elif name == "cuda":  # torch's own, where the CPU adapter did not replace it
             to_host = False
         else:
             target = _target_device(args, kwargs)
