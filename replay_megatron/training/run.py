@@ -26,15 +26,13 @@ import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json
 from replay_megatron.config.errors import ConfigError, Problem
+from replay_megatron.optim.registry import OPTIMIZERS, trainable_optimizers
 from replay_megatron.training import run_dir as layout_of_run
 from replay_megatron.training.checkpointing import (TrainState, load_checkpoint, save_checkpoint,
                                                     save_initial_weights)
 from replay_megatron.training.faults import TerminationFlag, TrainingAborted, any_rank
 from replay_megatron.training.metrics import MetricsLogger
 
-# config optimizer.name -> (optim.megatron.build_optimizer name, whether optimizer.eps is Adam's division)
-MEGATRON_OPTIMIZERS = {"moclip": ("moclip", False), "adamw": ("adamw", True), "adam_atan2": ("adam-atan2", False),
-                       "moclip_adam_eps": ("moclip", True)}
 
 
 @dataclass
@@ -62,10 +60,10 @@ def preflight(cfg, world_size: int) -> TrainInputs:
     """Every check that needs files but no devices (see the module doc)."""
     from replay_megatron.config import check_resume, model_hf_config
 
-    if cfg.optimizer.name not in MEGATRON_OPTIMIZERS:
+    if not OPTIMIZERS[cfg.optimizer.name].trains:
         raise ConfigError.of([Problem("optimizer.name", f"{cfg.optimizer.name!r} is a plain torch optimizer here "
                                       "(replay_megatron.optim), not wired into megatron's optimizer stack; "
-                                      f"train supports {', '.join(MEGATRON_OPTIMIZERS)}", cfg.optimizer.name)])
+                                      f"train supports {', '.join(trainable_optimizers())}", cfg.optimizer.name)])
     if cfg.data.train is None:
         raise ConfigError.of([Problem("data.train", "train needs a token store (`preprocess` output)", None)])
     dataset = _token_store(cfg, "data.train")
@@ -134,12 +132,12 @@ def _optimizer(cfg, model):
     from replay_megatron.optim.megatron import build_optimizer
 
     o = cfg.optimizer
-    name, uses_eps = MEGATRON_OPTIMIZERS[o.name]
-    return build_optimizer(name, [model], lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+    spec = OPTIMIZERS[o.name]
+    return build_optimizer(spec.builder, [model], lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                            clip_grad=o.clip_grad, params_dtype=cfg.model.params_dtype,
                            distributed_optimizer=cfg.parallel.distributed_optimizer, max_angle=o.max_angle,
                            atan2_a=o.atan2_a, atan2_b=o.atan2_b, mode=o.clip_mode,
-                           eps=o.eps if uses_eps else None, min_lr=o.min_lr)
+                           eps=o.eps if spec.eps_divides else None, min_lr=o.min_lr)
 
 
 def _moclip(optimizer):
