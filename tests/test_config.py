@@ -25,14 +25,14 @@ def write(dir_: Path, files: dict[str, str]) -> Path:
 def test_extends_deep_merges_child_over_bases_in_order(tmp_path):
     top = write(tmp_path, {
         "runs/top.yaml": "extends: [../base/a.yaml, ../base/b.yaml]\noptimizer: {lr: 3.0e-6}\n",
-        "base/a.yaml": "extends: common.yaml\noptimizer: {name: adamw, lr: 1.0e-6, max_angle: 30}\n",
+        "base/a.yaml": "extends: common.yaml\noptimizer: {name: adamw, lr: 1.0e-6, tam_gamma: 0.5}\n",
         "base/b.yaml": "optimizer: {name: tam}\ncollect: {positions: {strategy: last}}\n",
         "base/common.yaml": TINY + "collect: {positions: {strategy: random, buckets: 3}}\n",
     })
     cfg = load_config(top)
     assert cfg.optimizer.name == "tam"            # b (later base) wins over a
     assert cfg.optimizer.lr == 3e-6               # the file itself wins over its bases
-    assert cfg.optimizer.max_angle == 30          # untouched keys of a base survive the merge
+    assert cfg.optimizer.tam_gamma == 0.5         # untouched keys of a base survive the merge
     assert cfg.collect.positions.strategy == "last"
     assert cfg.collect.positions.buckets == 3     # deep merge: sibling keys of a nested mapping survive
     _, origin, header = compose(top)

@@ -102,6 +102,10 @@ CASES = {
     "adam_atan2 with a clipping angle": (
         "optimizer: {name: adam_atan2, max_angle: 45}", (), None,
         ["optimizer.name=adam_atan2 is MoClip without clipping: optimizer.max_angle must be 180"]),
+    "optimizer field the optimizer does not read": (
+        "optimizer: {name: adamw, max_angle: 30}", (), None,
+        ["optimizer.max_angle = 30.0 (set in run.yaml): optimizer 'adamw' does not read it (it reads betas, "
+         "clip_grad, eps, lr"]),
     "invalid YAML": ("optimizer: {lr: [1", (), None, ["run.yaml: not valid YAML"]),
     "duplicate key": ("optimizer: {lr: 1.0e-6}\noptimizer: {name: adamw}", (), None,
                       ["run.yaml: not valid YAML", "duplicate key 'optimizer'"]),

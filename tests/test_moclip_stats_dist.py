@@ -8,8 +8,8 @@ whole model (parameters after 5 steps to 1e-6, the same cos(phi) sequence):
   replicated on both ranks (a TP duplicate).
 The mask is megatron-core's grad-norm rule (`counts_toward_global_stats`), the reducer one collective
 per step (counted: an all-gather of the three float64 sums' bits, `platform.exact_sum`). Gradients are a deterministic function of the parameters, so a wrong step shows up
-in later gradients too. In the "tp" layout, TAM (TensorParallelSums) and MoFO (TensorParallelGather)
-must also equal their single-process runs.
+in later gradients too. In the "tp" layout, TAM and MoFO (their `TensorLayout` of the TP-sharded params:
+MoFO's top-k by a distributed radix select) must also equal their single-process runs.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from replay_megatron.optim import (TAM, GlobalSumsReducer, MoClip, MoFO, TensorParallelGather, TensorParallelSums,
+from replay_megatron.optim import (TAM, GlobalSumsReducer, MoClip, MoFO, TensorLayout,
                                    counts_toward_global_stats)
 from replay_megatron.platform.spawn import run_local
 
@@ -95,10 +95,9 @@ OPTIMIZERS = {
                                            stats_reducer=GlobalSumsReducer() if group else None,
                                            counts_toward_stats=functools.partial(counts_toward_global_stats,
                                                                                  tp_group=group) if group else None),
-    "tam": lambda group, params: TAM(params, lr=0.05, tensor_sums=TensorParallelSums(group) if group else None,
+    "tam": lambda group, params: TAM(params, lr=0.05, layout=TensorLayout.of_params(params, group),
                                      cos_update=True),
-    "mofo": lambda group, params: MoFO(params, lr=0.05, fraction=0.3,
-                                       gather=TensorParallelGather(group) if group else None),
+    "mofo": lambda group, params: MoFO(params, lr=0.05, fraction=0.3, layout=TensorLayout.of_params(params, group)),
 }
 CASES = [("pp", "moclip"), ("tp", "moclip"), ("tp", "tam"), ("tp", "mofo")]
 

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from replay_megatron.optim import TAM, MoFO
-from replay_megatron.optim.mofo import top_k_mask
+from replay_megatron.optim import TAM, MoFO, TensorLayout
+from replay_megatron.optim.top_k import top_k_masks
 from test_moclip import backward, make_mlp
 
 TOL = 1e-6
@@ -90,6 +90,12 @@ def test_mofo_leaves_unselected_entries_and_updates_1d_fully():
         changed = int((p.detach() != p0).sum())
         expected = p.numel() if p.dim() == 1 else max(1, math.floor(p.numel() * 0.2))
         assert changed == expected, name
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The radix select on one whole tensor."""
+    [mask] = top_k_masks([values], [0], [0], torch.tensor([k]), TensorLayout.of_params([values]))
+    return mask
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -13,7 +13,7 @@ def test_schema_accepts_exactly_the_registry_names():
 
 
 def test_every_trainable_entry_names_a_megatron_builder():
-    assert trainable_optimizers() == ["moclip", "adamw", "adam_atan2", "moclip_adam_eps"]
+    assert trainable_optimizers() == ["moclip", "adamw", "adam_atan2", "moclip_adam_eps", "mofo", "tam"]
     for name in trainable_optimizers():
         assert OPTIMIZERS[name].builder in megatron.OPTIMIZERS
 

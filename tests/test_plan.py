@@ -144,7 +144,7 @@ def test_weight_grad_and_optimizer_bytes_per_param():
     assert train_memory(cfg_do, shape, make_layout(shape, 4, 1, dp=2), 0).optimizer == 6 * n  # sharded over DP 2
     p = rank_params(shape, lay, 0)
     tam, _ = _plan_cfg(PAPER_4B, "optimizer.name=tam")
-    assert train_memory(tam, shape, lay, 0).optimizer == 8 * n                  # m + main params
+    assert train_memory(tam, shape, lay, 0).optimizer == 12 * n                 # m, sh per element, main params
     muon, _ = _plan_cfg(PAPER_4B, "optimizer.name=muonclip")
     assert train_memory(muon, shape, lay, 0).optimizer == 4 * p.matrices + 8 * (n - p.matrices) + 4 * n
 

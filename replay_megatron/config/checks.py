@@ -7,6 +7,7 @@ from __future__ import annotations
 from replay_megatron.config.errors import ConfigError, Problem
 from replay_megatron.config.model_shape import ModelShape, model_hf_config
 from replay_megatron.config.schema import ReplayConfig
+from replay_megatron.optim.registry import COMMON_FIELDS, optimizer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 
@@ -27,6 +28,7 @@ def check_config(cfg: ReplayConfig, world_size: int | None = None) -> list[Probl
     problems = _check_model(cfg, hf, ModelShape.from_hf(hf))
     problems += _check_batches(cfg, world_size)
     problems += _check_stages(cfg)
+    problems += _check_optimizer_fields(cfg)
     return problems
 
 
@@ -79,6 +81,17 @@ def _check_stages(cfg: ReplayConfig) -> list[Problem]:
         out.append(Problem("train.kl_weight", "the KL term needs teacher logits, but this config's Stage 0 "
                                               "stores none (set collect.store_logits)", t.kl_weight))
     return out
+
+
+def _check_optimizer_fields(cfg: ReplayConfig) -> list[Problem]:
+    """Every optimizer.* field the config sets to other than its default is read by the optimizer it
+    names (else the setting would silently do nothing). Defaults pass: resolved.yaml lists every field."""
+    o = cfg.optimizer
+    read = COMMON_FIELDS | optimizer_spec(o.name).fields
+    unread = [f for f in sorted(o.model_fields_set - read) if getattr(o, f) != type(o).model_fields[f].default]
+    return [Problem(f"optimizer.{field}", f"optimizer {o.name!r} does not read it (it reads "
+                                          f"{', '.join(sorted(read - {'name'}))}); remove it", getattr(o, field))
+            for field in unread]
 
 
 def _divisors(n: int) -> list[int]:

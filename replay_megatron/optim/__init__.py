@@ -1,5 +1,6 @@
 """Optimizers: MoClip (SPEC.md section 3), the plain-optimizer baselines of SPEC.md section 4 (TAM,
-MoFO; Adam-atan2 and "MoClip without atan2" are MoClip settings), their distributed statistics, the
+MoFO; Adam-atan2 and "MoClip without atan2" are MoClip settings), their distributed statistics
+(`stats`, `tensor_layout`, `top_k`), the
 builder of megatron-core's optimizer wrappers around them (`build_optimizer`) and the registry of
 config names (`optim.registry`).
 
@@ -9,7 +10,7 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {"MoClip": "moclip", "MoClipStats": "moclip", "MoFO": "mofo", "TAM": "tam",
-            "GlobalSumsReducer": "stats", "TensorParallelSums": "stats", "TensorParallelGather": "stats",
+            "GlobalSumsReducer": "stats", "TensorLayout": "tensor_layout",
             "counts_toward_global_stats": "stats", "build_optimizer": "megatron",
             "load_optimizer_state": "megatron", "moclip_optimizers": "megatron"}
 

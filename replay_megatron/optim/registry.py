@@ -16,14 +16,14 @@ COMMON_FIELDS = frozenset({"name", "lr", "min_lr", "lr_schedule", "warmup_iters"
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One optimizer: the optimizer.* fields it reads besides COMMON_FIELDS, its fp32 states per parameter
-    on (2-D transformer matrices, everything else), and how `train` builds it."""
+    """One optimizer: the optimizer.* fields it reads besides COMMON_FIELDS (a config setting any other is
+    refused), its fp32 states per parameter on (2-D transformer matrices, everything else), and how
+    `train` builds it. Where `eps` is a field, `train` passes optimizer.eps (else MoClip keeps its atan2)."""
 
     name: str
     fields: frozenset[str]
     states: tuple[int, int]
     builder: str | None = None
-    eps_divides: bool = False  # optimizer.eps is Adam's denominator epsilon (else MoClip keeps its atan2)
 
     @property
     def trains(self) -> bool:
@@ -32,12 +32,13 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("moclip", frozenset({"max_angle", "atan2_a", "atan2_b", "clip_mode"}), (2, 2), "moclip"),
-    OptimizerSpec("adamw", frozenset({"eps"}), (2, 2), "adamw", eps_divides=True),
+    OptimizerSpec("adamw", frozenset({"eps"}), (2, 2), "adamw"),
     OptimizerSpec("adam_atan2", frozenset({"max_angle", "atan2_a", "atan2_b"}), (2, 2), "adam-atan2"),
-    OptimizerSpec("moclip_adam_eps", frozenset({"max_angle", "clip_mode", "eps"}), (2, 2), "moclip",
-                  eps_divides=True),
-    OptimizerSpec("mofo", frozenset({"eps", "mofo_fraction"}), (2, 2)),
-    OptimizerSpec("tam", frozenset({"eps", "tam_gamma", "tam_variant"}), (1, 1)),
+    OptimizerSpec("moclip_adam_eps", frozenset({"max_angle", "clip_mode", "eps"}), (2, 2), "moclip"),
+    OptimizerSpec("mofo", frozenset({"eps", "mofo_fraction"}), (2, 2), "mofo"),
+    # TAM keeps its smoothed cosine in every element of a second state (megatron's checkpointing saves
+    # and reshards per-element states only).
+    OptimizerSpec("tam", frozenset({"eps", "tam_gamma", "tam_variant"}), (2, 2), "tam"),
     OptimizerSpec("adamuon", frozenset({"eps", "muon_momentum"}), (2, 2)),
     OptimizerSpec("muonclip", frozenset({"muon_momentum", "qk_clip_threshold"}), (1, 2)),
 )}

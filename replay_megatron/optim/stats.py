@@ -9,23 +9,17 @@ not `shared` (the last pipeline stage's copy of a tied embedding) and not a tens
 reduces the gradient norm over (`optimizer.get_grad_stats_parallel_group()`: the model-parallel group,
 or everything with the distributed optimizer).
 
-The per-tensor baselines (TAM, MoFO) need statistics of whole logical tensors; the hooks here make a
-TP-sharded tensor's local statistic the full tensor's (SPEC.md section 4).
+The per-tensor baselines (TAM, MoFO) reduce statistics of whole logical tensors through
+`tensor_layout.TensorLayout` instead.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from replay_megatron.platform.exact_sum import all_reduce_float64
-
-# A per-tensor statistics hook: (params, local stats [len(params), k]) -> stats of the logical tensors.
-TensorSumsReducer = Callable[[Sequence[Tensor], Tensor], Tensor]
-# A gather hook: (param, local tensor) -> (logical tensor flattened, positions of the local elements in it).
-TensorGather = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
 def counts_toward_global_stats(param: Tensor, tp_group: Optional[dist.ProcessGroup] = None) -> bool:
@@ -55,48 +49,3 @@ class GlobalSumsReducer:
 
     def __call__(self, sums: Tensor) -> Tensor:
         return all_reduce_float64(sums, group=self.group)
-
-
-def _is_tp_sharded(param: Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
-class TensorParallelSums:
-    """TAM's per-tensor hook: sums of TP-sharded tensors summed over `tp_group` in float64, in one collective.
-
-    Rows of tensors that are not TP-sharded are whole on every TP rank already and are kept as they are.
-    """
-
-    def __init__(self, tp_group: Optional[dist.ProcessGroup] = None) -> None:
-        self.tp_group = tp_group
-
-    def __call__(self, params: Sequence[Tensor], sums: Tensor) -> Tensor:
-        sharded = torch.tensor([_is_tp_sharded(p) for p in params], device=sums.device).unsqueeze(1)
-        reduced = torch.where(sharded, sums, torch.zeros_like(sums)).double().reshape(-1)
-        reduced = all_reduce_float64(reduced, group=self.tp_group).view(sums.shape).to(sums.dtype)
-        return torch.where(sharded, reduced, sums)
-
-
-class TensorParallelGather:
-    """MoFO's gather hook: the logical tensor of a TP-sharded param (Megatron's `partition_dim` layout).
-
-    Returns the logical tensor flattened and the flat positions of the local shard's elements in it.
-    Tensors that are not TP-sharded are returned whole, with positions `0..numel-1`.
-    """
-
-    def __init__(self, tp_group: Optional[dist.ProcessGroup] = None) -> None:
-        self.tp_group = tp_group
-
-    def __call__(self, param: Tensor, local: Tensor) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(local.numel(), device=local.device)
-        if not _is_tp_sharded(param):
-            return local.reshape(-1), positions
-        dim = param.partition_dim
-        world = dist.get_world_size(self.tp_group)
-        rank = dist.get_rank(self.tp_group)
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local.contiguous(), group=self.tp_group)
-        full = torch.cat(parts, dim=dim)
-        index = torch.arange(full.numel(), device=local.device).view(full.shape)
-        shard = index.narrow(dim, rank * local.shape[dim], local.shape[dim])
-        return full.reshape(-1), shard.reshape(-1)

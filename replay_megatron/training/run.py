@@ -137,7 +137,8 @@ def _optimizer(cfg, model):
                            clip_grad=o.clip_grad, params_dtype=cfg.model.params_dtype,
                            distributed_optimizer=cfg.parallel.distributed_optimizer, max_angle=o.max_angle,
                            atan2_a=o.atan2_a, atan2_b=o.atan2_b, mode=o.clip_mode,
-                           eps=o.eps if spec.eps_divides else None, min_lr=o.min_lr)
+                           eps=o.eps if "eps" in spec.fields else None, mofo_fraction=o.mofo_fraction,
+                           tam_gamma=o.tam_gamma, tam_variant=o.tam_variant, min_lr=o.min_lr)
 
 
 def _moclip(optimizer):
