@@ -64,12 +64,16 @@ def assert_same_stats(stats, ref_stats):
         assert abs(got["grad_norm"] - want["grad_norm"]) < TOL * max(1.0, want["grad_norm"]), step
 
 
+def tiny_model_and_steps(n_steps: int) -> tuple[dict, dict, list]:
+    """The tiny Qwen3's HF config and weights, and `n_steps` steps of two micro-batches each."""
+    hf = tiny_hf_config("qwen3-tiny")
+    batches = make_micro_batches(hf, n=2 * n_steps)
+    return hf, hf_state_dict(tiny_hf_model(hf)), [batches[2 * i: 2 * i + 2] for i in range(n_steps)]
+
+
 @pytest.fixture(scope="module")
 def setup():
-    hf = tiny_hf_config("qwen3-tiny")
-    sd = hf_state_dict(tiny_hf_model(hf))
-    batches = make_micro_batches(hf, n=2 * STEPS)
-    steps = [batches[2 * i: 2 * i + 2] for i in range(STEPS)]
+    hf, sd, steps = tiny_model_and_steps(STEPS)
     [(ref_stats, ref_type, ref_sd)] = run_local(run_steps, 1, hf, sd, steps, 1, 1, False)
     assert ref_type == ["FP32Optimizer"]
     fired = [s["clipped"] for s in ref_stats]

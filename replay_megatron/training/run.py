@@ -61,8 +61,8 @@ def preflight(cfg, world_size: int) -> TrainInputs:
     from replay_megatron.config import check_resume, model_hf_config
 
     if not OPTIMIZERS[cfg.optimizer.name].trains:
-        raise ConfigError.of([Problem("optimizer.name", f"{cfg.optimizer.name!r} is a plain torch optimizer here "
-                                      "(replay_megatron.optim), not wired into megatron's optimizer stack; "
+        raise ConfigError.of([Problem("optimizer.name", f"{cfg.optimizer.name!r} has no builder in megatron's "
+                                      "optimizer stack yet (replay_megatron.optim.registry); "
                                       f"train supports {', '.join(trainable_optimizers())}", cfg.optimizer.name)])
     if cfg.data.train is None:
         raise ConfigError.of([Problem("data.train", "train needs a token store (`preprocess` output)", None)])
