@@ -1,4 +1,5 @@
-"""Optimizer step time: MoClip vs torch.optim.AdamW(foreach=True) on transformer-shaped fp32 parameters.
+"""Optimizer step time: MoClip and the baselines vs torch.optim.AdamW(foreach=True) on transformer-shaped fp32
+parameters.
 
 All optimizers run in the same process on the same gradients, in interleaved repetitions; the script
 prints the median step time of each and its ratio to AdamW (issue 5 target: MoClip <= 1.5x AdamW), for
@@ -8,7 +9,9 @@ momentum, so MoClip clips on every step (its most expensive path). On a shared m
 carries other jobs' noise; the minimum is the best estimate of an undisturbed step. The row marked `*` is
 MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; on accelerators the Triton
 kernels, row "MoClip(fused)", shown only there); AdamW(fused), torch's single-kernel AdamW, is printed for
-context, as is AdamW(per-tensor), torch's default on CPU.
+context, as is AdamW(per-tensor), torch's default on CPU. The paper's baselines of SPEC.md section 4 that
+run in megatron's optimizer stack follow (one process, whole tensors: MoFO with its per-tensor top-20%
+radix select, TAM and its cosine variant); the ratio is each baseline's step time over AdamW's.
 
     python tools/bench_optimizer.py --params 100e6 --reps 7
 """
@@ -21,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from replay_megatron.optim import MoClip
+from replay_megatron.optim import TAM, MoClip, MoFO
 from replay_megatron.optim.moclip import CPU_BLOCK_NUMEL, fused_kernels
 
 
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         "MoClip(foreach)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=True, fused=False),
         "MoClip(per-tensor)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False),
         "Adam-atan2 (MoClip 180)": lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, max_angle=180.0),
+        "MoFO (top 20%)": lambda p: MoFO(p, lr=1e-3, weight_decay=0.01, fraction=0.2),
+        "TAM": lambda p: TAM(p, lr=1e-3, weight_decay=0.01),
+        "TAM(cosine)": lambda p: TAM(p, lr=1e-3, weight_decay=0.01, cos_update=True),
     }
     if fused:
         builders["MoClip(fused)"] = lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True)

@@ -14,6 +14,11 @@ COMMON_FIELDS = frozenset({"name", "lr", "min_lr", "lr_schedule", "warmup_iters"
                            "clip_grad"})
 
 
+# AdaMuon and MuonClip are to be built on megatron-core's own Muon (0.16's optimizer/muon.py, SPEC.md 4).
+_MUON = ("megatron-core's Muon (megatron/core/optimizer/muon.py, 0.16) needs the `emerging-optimizers` package, "
+         "which installs on Python >= 3.12 only; the AdaMuon/MuonClip builders on it are not written yet")
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: the optimizer.* fields it reads besides COMMON_FIELDS (a config setting any other is
@@ -24,6 +29,7 @@ class OptimizerSpec:
     fields: frozenset[str]
     states: tuple[int, int]
     builder: str | None = None
+    missing: str = ""  # without a builder: what building it needs, for `train`'s refusal
 
     @property
     def trains(self) -> bool:
@@ -39,8 +45,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     # TAM keeps its smoothed cosine in every element of a second state (megatron's checkpointing saves
     # and reshards per-element states only).
     OptimizerSpec("tam", frozenset({"eps", "tam_gamma", "tam_variant"}), (2, 2), "tam"),
-    OptimizerSpec("adamuon", frozenset({"eps", "muon_momentum"}), (2, 2)),
-    OptimizerSpec("muonclip", frozenset({"muon_momentum", "qk_clip_threshold"}), (1, 2)),
+    OptimizerSpec("adamuon", frozenset({"eps", "muon_momentum"}), (2, 2), missing=_MUON),
+    OptimizerSpec("muonclip", frozenset({"muon_momentum", "qk_clip_threshold"}), (1, 2), missing=_MUON),
 )}
 
 

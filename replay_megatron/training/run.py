@@ -60,10 +60,11 @@ def preflight(cfg, world_size: int) -> TrainInputs:
     """Every check that needs files but no devices (see the module doc)."""
     from replay_megatron.config import check_resume, model_hf_config
 
-    if not OPTIMIZERS[cfg.optimizer.name].trains:
-        raise ConfigError.of([Problem("optimizer.name", f"{cfg.optimizer.name!r} has no builder in megatron's "
-                                      "optimizer stack yet (replay_megatron.optim.registry); "
-                                      f"train supports {', '.join(trainable_optimizers())}", cfg.optimizer.name)])
+    spec = OPTIMIZERS[cfg.optimizer.name]
+    if not spec.trains:
+        raise ConfigError.of([Problem("optimizer.name", f"{spec.name!r} has no builder in megatron's optimizer "
+                                      f"stack yet ({spec.missing}); train supports "
+                                      f"{', '.join(trainable_optimizers())}", spec.name)])
     if cfg.data.train is None:
         raise ConfigError.of([Problem("data.train", "train needs a token store (`preprocess` output)", None)])
     dataset = _token_store(cfg, "data.train")
