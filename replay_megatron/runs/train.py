@@ -39,7 +39,7 @@ from replay_megatron.training.metrics import MetricsLogger
 from replay_megatron.training.objectives import objective_for
 from replay_megatron.training.optimizer import build_configured_optimizer, build_scheduler
 from replay_megatron.training.setup import build_ddp_model
-from replay_megatron.training.step import train_step
+from replay_megatron.training import step  # called through the module: fault-injection tests wrap it
 from replay_megatron.training.step_metrics import k_stats, step_record
 
 
@@ -142,7 +142,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
         while state.step < inputs.total_steps:
             start = time.perf_counter()
             micro_batches = batches.next_step()
-            result = train_step(model, optimizer, micro_batches, objective)
+            result = step.train_step(model, optimizer, micro_batches, objective)
             if not result["skipped"]:
                 scheduler.step(1)
             state.count_step(result["skipped"], t.global_batch_size)
