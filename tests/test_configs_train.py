@@ -34,8 +34,8 @@ def tiny(root: Path, name: str) -> list[str]:
 def _train_all(root: str, paths: list[str]) -> dict[str, object]:
     """Stage 0 once, then 2 steps of every config; returns per config its final loss, or the error."""
     from replay_megatron.platform.distributed import shutdown
-    from replay_megatron.replay.collect import collect
-    from replay_megatron.training.run import train
+    from replay_megatron.runs.collect import collect
+    from replay_megatron.runs.train import train
 
     try:
         collect(load_config(paths[0], tiny(Path(root), "collect")), world_size=1, progress=False)

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
+from moclip_fixtures import backward, make_mlp
 from replay_megatron.optim import TAM, MoFO, TensorLayout
 from replay_megatron.optim.top_k import top_k_masks
-from test_moclip import backward, make_mlp
 
 TOL = 1e-6
 STEPS = 10

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from replay_megatron.optim.moclip import decoupled_update_, run_closure
+from replay_megatron.optim.elementwise import decoupled_update_, run_closure
 from replay_megatron.optim.tensor_layout import TensorLayout
 from replay_megatron.optim.top_k import top_k_masks
 
