@@ -3,9 +3,10 @@
 `kth_largest` finds, for every slot (logical tensor) at once, the k-th largest of non-negative integer keys
 below 2**32 held in pieces on several ranks: a radix select on the key bits, 8 bits a round, each round one
 int64 histogram [slots, 256] reduced by the `TensorLayout` (4 rounds). Values become keys through their
-float bits (for |m|, non-negative floats order like their int32 bits); ties at the k-th value are broken by
-a second select over `2**32 - 1 - logical index` among the tied entries, so the lowest indices win and
-exactly k entries are chosen. Nothing synchronises with the host.
+float bits (for |m|, non-negative floats order like their int32 bits). Where a tensor has more entries
+equal to its k-th value than places left, the ties are broken by a second select over
+`2**32 - 1 - logical index` among them, so the lowest indices win and exactly k entries are chosen; the
+host reads once per step which tensors need it (float |m| rarely ties except at zero).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ INDEX_KEY_TOP = (1 << KEY_BITS) - 1
 
 
 def kth_largest(keys: Sequence[Tensor], slots: Sequence[int], k: Tensor,
-                layout: TensorLayout) -> tuple[Tensor, Tensor]:
-    """(threshold, take) per slot: the k-th largest key of the slot's pieces (int64 keys in [0, 2**32);
-    negative keys take no part), and how many entries equal to it belong to the top k.
+                layout: TensorLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """(threshold, take, tied) per slot: the k-th largest key of the slot's pieces (int64 keys in
+    [0, 2**32); negative keys take no part), how many entries equal to it belong to the top k, and how
+    many entries equal it.
 
     `keys[i]` is a 1-D piece of slot `slots[i]`; `k` [slots] int64, known on every rank (0: unused slot).
     """
@@ -44,7 +46,7 @@ def kth_largest(keys: Sequence[Tensor], slots: Sequence[int], k: Tensor,
                             .squeeze(1), 0)
         need -= above
         prefix = prefix * (1 << DIGIT_BITS) + digit
-    return prefix, need
+    return prefix, need, hist.gather(1, digit.unsqueeze(1)).squeeze(1)
 
 
 def top_k_masks(values: Sequence[Tensor], slots: Sequence[int], offsets: Sequence[int], k: Tensor,
@@ -55,12 +57,19 @@ def top_k_masks(values: Sequence[Tensor], slots: Sequence[int], offsets: Sequenc
     `offsets[i]`: flat offset of piece i in its TP-local tensor (distributed-optimizer shards).
     """
     keys = [v.reshape(-1).float().view(torch.int32).long() for v in values]
-    threshold, take = kth_largest(keys, slots, k, layout)
+    threshold, take, tied = kth_largest(keys, slots, k, layout)
+    masks = [key >= threshold[slot] for key, slot in zip(keys, slots)]
+    needs_index = (tied > take).tolist()  # the same on every rank: from reduced counts
+    if not any(needs_index):
+        return masks
+    ties = [i for i, slot in enumerate(slots) if needs_index[slot]]
     tie_keys = []
-    for key, slot, offset in zip(keys, slots, offsets):
+    for i in ties:
+        key, slot, offset = keys[i], slots[i], offsets[i]
         local = torch.arange(offset, offset + key.numel(), device=key.device)
         index_key = INDEX_KEY_TOP - layout.slots[slot].logical_index(local)
         tie_keys.append(torch.where(key == threshold[slot], index_key, -1))
-    cut, _ = kth_largest(tie_keys, slots, take, layout)
-    return [(key > threshold[slot]) | ((tie >= cut[slot]) & (tie >= 0))
-            for key, tie, slot in zip(keys, tie_keys, slots)]
+    cut, _, _ = kth_largest(tie_keys, [slots[i] for i in ties], take, layout)
+    for i, tie in zip(ties, tie_keys):
+        masks[i] = (keys[i] > threshold[slots[i]]) | (tie >= cut[slots[i]])
+    return masks
