@@ -23,11 +23,11 @@ INDEX_KEY_TOP = (1 << KEY_BITS) - 1
 
 def kth_largest(keys: Sequence[Tensor], slots: Sequence[int], k: Tensor,
                 layout: TensorLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """(threshold, take, tied) per slot: the k-th largest key of the slot's pieces (int64 keys in
+    """(threshold, take, tied) per slot: the k-th largest key of the slot's pieces (integer keys in
     [0, 2**32); negative keys take no part), how many entries equal to it belong to the top k, and how
     many entries equal it.
 
-    `keys[i]` is a 1-D piece of slot `slots[i]`; `k` [slots] int64, known on every rank (0: unused slot).
+    `keys[i]` is a 1-D integer piece of slot `slots[i]`; `k` [slots] int64, known on every rank (0: unused slot).
     """
     n = k.numel()
     device = k.device
@@ -38,7 +38,9 @@ def kth_largest(keys: Sequence[Tensor], slots: Sequence[int], k: Tensor,
         hist = torch.zeros(n, 1 << DIGIT_BITS, dtype=torch.int64, device=device)
         for key, slot in zip(keys, slots):
             match = (key >= 0) & ((key >> (shift + DIGIT_BITS)) == prefix[slot])
-            hist[slot].scatter_add_(0, (key >> shift) & ((1 << DIGIT_BITS) - 1), match.long())
+            # entries off the prefix count in an extra bin: a fixed-size histogram, no host sync
+            digit = torch.where(match, (key >> shift) & ((1 << DIGIT_BITS) - 1), 1 << DIGIT_BITS)
+            hist[slot] += torch.bincount(digit, minlength=(1 << DIGIT_BITS) + 1)[:1 << DIGIT_BITS]
         hist = layout.reduce_counts(hist)
         at_least = hist.flip(1).cumsum(1).flip(1)  # entries with this digit or a larger one
         digit = (at_least >= need.unsqueeze(1)).sum(1).sub_(1).clamp_(min=0)  # the largest digit reaching `need`
@@ -56,7 +58,7 @@ def top_k_masks(values: Sequence[Tensor], slots: Sequence[int], offsets: Sequenc
 
     `offsets[i]`: flat offset of piece i in its TP-local tensor (distributed-optimizer shards).
     """
-    keys = [v.reshape(-1).float().view(torch.int32).long() for v in values]
+    keys = [v.reshape(-1).float().view(torch.int32) for v in values]  # non-negative floats: bits below 2**31
     threshold, take, tied = kth_largest(keys, slots, k, layout)
     masks = [key >= threshold[slot] for key, slot in zip(keys, slots)]
     needs_index = (tied > take).tolist()  # the same on every rank: from reduced counts
