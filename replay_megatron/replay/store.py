@@ -28,7 +28,6 @@ timestamps, a resumed collection gives byte-identical files to an uninterrupted 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -39,7 +38,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from replay_megatron.atomic_io import atomic_write_bytes, atomic_write_json
+from replay_megatron.atomic_io import atomic_write_bytes, atomic_write_json, file_sha256
 from replay_megatron.replay.selection import TopKSelection
 
 FORMAT = "replay-megatron-store"
@@ -99,11 +98,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ReplayStoreWriter:
@@ -306,7 +300,7 @@ def finalize_store(directory: str | os.PathLike, num_shards: int, *, config: Map
         if settings is not None and these != settings:
             raise ReplayStoreError(f"{shard} was written with {these}, {shard_name(0)} with {settings}")
         settings = these
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(shard.iterdir())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(shard.iterdir())}
         shards.append({"name": shard.name, "samples": meta["samples"], "records": meta["records"],
                        "candidates": meta["candidates"], "bytes": sum(f["bytes"] for f in files.values()),
                        "files": files})
@@ -391,6 +385,7 @@ class ReplayStore:
         for shard in manifest["shards"]:
             for name, info in shard["files"].items():
                 _check_file(directory / shard["name"] / name, info, verify)
+        _check_manifest_agrees(directory, manifest)
         names = [*_INDEX, *_columns(manifest["logits_dtype"])]
         shards = [_Shard(directory / s["name"], names) for s in manifest["shards"]]
         return cls(directory, manifest, shards)
@@ -459,6 +454,32 @@ class ReplayStore:
                 "fraction_of_fp16_logits": per_position / (2 * self.vocab_size)}
 
 
+def _check_manifest_agrees(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse a manifest that contradicts its shards' own records (shard.json, checksummed by it), e.g. one
+    edited by hand: the readers size their arrays from the manifest's k_max."""
+    def corrupt(where: str, key: str, manifest_value: Any, found: Any) -> ReplayStoreError:
+        return ReplayStoreError(f"{directory / MANIFEST_NAME} is corrupt: its {key} is {manifest_value!r}, but "
+                                f"{where} records {found!r}")
+
+    recorded = manifest.get("config", {}).get("collect", {}).get("k_max", manifest["k_max"])
+    if recorded != manifest["k_max"]:
+        raise corrupt("its own config.collect", "k_max", manifest["k_max"], recorded)
+    totals = {key: 0 for key in ("samples", "records", "candidates")}
+    for shard in manifest["shards"]:
+        path = directory / shard["name"] / SHARD_META
+        meta = json.loads(path.read_text())
+        for key in ("format_version", "k_max", "logits_dtype"):
+            if meta.get(key) != manifest[key]:
+                raise corrupt(str(path), key, manifest[key], meta.get(key))
+        for key in totals:
+            if meta.get(key) != shard[key]:
+                raise corrupt(str(path), f"{shard['name']} {key}", shard[key], meta.get(key))
+            totals[key] += shard[key]
+    for key, value in totals.items():
+        if manifest["totals"][key] != value:
+            raise corrupt("the sum over its shards", f"totals.{key}", manifest["totals"][key], value)
+
+
 def _check_file(path: Path, info: Mapping[str, Any], verify: bool) -> None:
     """Refuse a shard file that is missing, has another size than the manifest says, or another sha256."""
     if not path.is_file():
@@ -467,5 +488,5 @@ def _check_file(path: Path, info: Mapping[str, Any], verify: bool) -> None:
     if size != info["bytes"]:
         what = "truncated" if size < info["bytes"] else "larger than recorded"
         raise ReplayStoreError(f"shard file {path} is {what}: {size} bytes, the manifest records {info['bytes']}")
-    if verify and _sha256(path) != info["sha256"]:
+    if verify and file_sha256(path) != info["sha256"]:
         raise ReplayStoreError(f"shard file {path} is corrupted: its sha256 differs from the manifest's")
