@@ -8,8 +8,9 @@ Megatron-LM does), then metrics, held-out perplexity, checkpoints and fault hand
 writes is listed in `training.run_dir`.
 
 Before any process group exists, `preflight` refuses: an optimizer the megatron stack does not carry, a
-missing token store, a replay store made from another model / tokenizer / dataset or not covering the
-data, and a run dir holding a run with another config (`config.check_resume`).
+missing token store, a replay store made from another model / tokenizer / dataset or with other collect
+settings (`replay.store_binding`) or not covering the data, and a run dir holding a run with another config
+(`config.check_resume`). Rank 0 holds the run dir's writer lock throughout (`platform.writer_lock`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json
 from replay_megatron.config.errors import ConfigError, Problem
+from replay_megatron.platform.writer_lock import held_by_rank0
 from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron.training.checkpoint_manifest import resume_checkpoint
 from replay_megatron.training.checkpointing import (TrainState, load_checkpoint, save_checkpoint,
                                                     save_initial_weights)
 from replay_megatron.training.faults import TerminationFlag, TrainingAborted, any_rank
@@ -99,6 +102,7 @@ def _open_replay_store(cfg, dataset):
 
     from replay_megatron.replay.collect import model_fingerprint
     from replay_megatron.replay.store import ReplayStore
+    from replay_megatron.replay.store_binding import check_store_settings
 
     if cfg.train.replay_store is None:
         raise ConfigError.of([Problem("train.replay_store", "train.loss=replay needs a replay store "
@@ -106,6 +110,7 @@ def _open_replay_store(cfg, dataset):
     store = ReplayStore.open(cfg.input_path(cfg.train.replay_store),
                              expect={"model": model_fingerprint(cfg), "tokenizer": dataset.tokenizer_fingerprint,
                                      "dataset": dataset.fingerprint})
+    check_store_settings(store.manifest, cfg, str(store.directory))
     if cfg.train.kl_weight > 0 and store.logits_dtype is None:
         raise ConfigError.of([Problem("train.kl_weight", f"the KL term needs teacher logits, but {store.directory} "
                                       "stores none (collect with collect.store_logits=fp16|bf16|fp32)",
@@ -204,6 +209,7 @@ def _k_stats(micro_batches: list, k_max: int, layout) -> dict[str, float]:
             "k_max": float(k[hist > 0].max())}
 
 
+@held_by_rank0(lambda cfg: cfg.run_dir, "train")
 def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
           stop_after_steps: int | None = None) -> dict[str, Any] | None:
     """Run (or resume) the training run of `cfg` on this rank; returns the summary on rank 0.
@@ -245,7 +251,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     parallel = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
                 "distributed_optimizer": cfg.parallel.distributed_optimizer}
     state = TrainState(parallel=parallel, config_fingerprint=config_fingerprint(cfg))
-    latest = layout_of_run.latest_checkpoint(run_dir)
+    latest = resume_checkpoint(run_dir, announce=layout.rank == 0)
     if latest is not None:
         state, optimizer_loaded = load_checkpoint(latest, model, optimizer, hf, parallel)
         scheduler.load_state_dict(state.scheduler)  # (MoClip's clip counts come with the optimizer state)
