@@ -24,7 +24,7 @@ import pytest
 
 from replay_megatron.config import ConfigError, load_config
 from replay_megatron.platform.spawn import run_local
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron import run_dir as layout_of_run
 from train_fixtures import training_root_with_stores
 
 pytestmark = pytest.mark.mcore_compat
@@ -77,8 +77,8 @@ def fault_sequence_job(config_path: str, steps: list[tuple[str, str, str | None,
     """One rank: per (command, run name or store dir, damage before it, kwargs) the damage, then `train` or
     `collect`; returns per step the printed output, the error (if any) and the checkpoint files' mtimes."""
     from replay_megatron.platform.distributed import shutdown
-    from replay_megatron.replay.collect import collect
-    from replay_megatron.training.run import train
+    from replay_megatron.runs.collect import collect
+    from replay_megatron.runs.train import train
 
     out = []
     for command, name, damage, kwargs in steps:
@@ -207,25 +207,25 @@ step.train_step = blocked
 """
 
 _BLOCK_COLLECT_AFTER_SHARDS = """
-from replay_megatron.replay import store
-original = store.ReplayStoreWriter.close
+from replay_megatron.replay import store_writer
+original = store_writer.ReplayStoreWriter.close
 def blocked(self):
     original(self)  # every shard closed; the manifest not yet written
     Path({ready!r}).write_text("")
     time.sleep(600)
-store.ReplayStoreWriter.close = blocked
+store_writer.ReplayStoreWriter.close = blocked
 """
 
 LOCKED_RUN = ["run.name=locked", *NO_EVAL]
 
 
 def _train_call(config_path: str) -> str:
-    return f"from replay_megatron.training.run import train\ntrain(load_config({config_path!r}, {LOCKED_RUN!r}))"
+    return f"from replay_megatron.runs.train import train\ntrain(load_config({config_path!r}, {LOCKED_RUN!r}))"
 
 
 def _collect_call(config_path: str) -> str:
     override = [f"collect.store_dir={KILLED_STORE}"]
-    return f"from replay_megatron.replay.collect import collect\ncollect(load_config({config_path!r}, {override!r}))"
+    return f"from replay_megatron.runs.collect import collect\ncollect(load_config({config_path!r}, {override!r}))"
 
 
 def _start_blocked(ready: Path, patch: str, call: str) -> tuple[subprocess.Popen, Path]:
@@ -255,11 +255,11 @@ def _second_run(config_path: str, command: str) -> str | None:
 
     try:
         if command == "train":
-            from replay_megatron.training.run import train
+            from replay_megatron.runs.train import train
 
             train(load_config(config_path, LOCKED_RUN, world_size=1), world_size=1, progress=False)
         else:
-            from replay_megatron.replay.collect import collect
+            from replay_megatron.runs.collect import collect
 
             collect(load_config(config_path, [f"collect.store_dir={KILLED_STORE}"]), world_size=1, progress=False)
     except Exception as e:  # noqa: BLE001 - the test asserts on it
@@ -281,7 +281,7 @@ def test_a_second_train_on_a_run_dir_is_refused_and_a_killed_holder_is_taken_ove
 @pytest.mark.multiproc
 def test_a_second_collect_on_a_store_is_refused_and_a_kill_before_the_manifest_keeps_the_timing(config_path,
                                                                                                sequence):
-    from replay_megatron.replay.collect import TIMING_RECORD
+    from replay_megatron.replay.records import TIMING_RECORD
     from replay_megatron.replay.store import MANIFEST_NAME
 
     holder = sequence["collect_second"]
@@ -308,7 +308,7 @@ def test_a_taken_rendezvous_port_is_named_and_an_unset_one_is_picked_free():
 # --- The store bound to the run ------------------------------------------------------------------------
 
 def test_a_store_collected_with_other_settings_is_refused_naming_each_key(config_path):
-    from replay_megatron.training.run import preflight
+    from replay_megatron.runs.train import preflight
 
     with pytest.raises(ConfigError) as refused:
         preflight(load_config(config_path, ["collect.tau=0.5", "collect.k_max=4"]), 1)

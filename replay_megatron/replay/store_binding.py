@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from replay_megatron.config.errors import ConfigError, Problem
 
-# dotted keys of both the config and the store manifest's `config` (replay.collect.manifest_config)
+# dotted keys of both the config and the store manifest's `config` (replay.records.manifest_config)
 BOUND_KEYS = ("collect.tau", "collect.k_max", "collect.positions.strategy", "collect.positions.amount",
               "collect.positions.buckets")
 _ABSENT = object()

@@ -18,7 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text, file_sha256
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron import run_dir as layout_of_run
 
 FORMAT = "replay-megatron-checkpoint-checksums"
 FORMAT_VERSION = 1
