@@ -11,6 +11,7 @@ no fresh start while checkpoints are there: the newest verified one is resumed, 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def resume_checkpoint(run_dir: Path, *, announce: bool) -> Path | None:
             print(f"[train] {message}", flush=True)
 
     candidates = _candidates(Path(run_dir), say)
-    pointer_exists = (Path(run_dir) / layout_of_run.CHECKPOINTS / layout_of_run.LATEST).exists()
+    pointer_exists = os.path.lexists(Path(run_dir) / layout_of_run.CHECKPOINTS / layout_of_run.LATEST)
     if not candidates:
         if pointer_exists:
             raise CheckpointCorrupt(f"{run_dir}: checkpoints/latest is there but no checkpoint is; remove it to "
@@ -147,14 +148,15 @@ def resume_checkpoint(run_dir: Path, *, announce: bool) -> Path | None:
         return None
     damage: list[str] = []
     for checkpoint in candidates:
+        pointed_at = _points_at(checkpoint)  # read by every rank before _problems' collective, so before any repoint
         problems = ([f"{checkpoint / layout_of_run.TRAIN_STATE} is missing (an unfinished save)"]
                     if not (checkpoint / layout_of_run.TRAIN_STATE).is_file() else _problems(checkpoint))
         if not problems:
             if damage:
                 say(f"resuming from {checkpoint.name}, the newest checkpoint that verifies; the newer ones are "
                     "damaged (above) and are replaced as the run saves again")
-            if not _points_at(checkpoint):
-                _repoint_latest(checkpoint, announce)
+            if not pointed_at:
+                _repoint_latest(checkpoint, rank0=announce)
             return checkpoint
         damage += problems
         say(f"checkpoint {checkpoint.name} fails verification: {'; '.join(problems)}")
