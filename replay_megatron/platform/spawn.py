@@ -9,24 +9,17 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
 from replay_megatron.platform.dependency_warnings import pythonwarnings_for_children
+from replay_megatron.platform.launch_env import free_port
 
 
 class RankFailed(RuntimeError):
     """A spawned rank raised; the message holds its rank and traceback."""
-
-
-def free_port() -> int:
-    """An unused TCP port on the loopback interface, for MASTER_PORT."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
