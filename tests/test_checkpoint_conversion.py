@@ -24,7 +24,7 @@ def save_hf(tmp_path, name, seed=0):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-tiny-untied"])
+@pytest.mark.parametrize("name", ["qwen3-tiny"])  # untied: tests/test_hf_export.py
 def test_hf_megatron_tp2_pp2_hf_round_trip_is_bitwise(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
