@@ -107,3 +107,14 @@ def configured_lm_eval(cfg, run_dir: Path, base_weights: Path, finetuned_hf: Pat
         base_hf = export_hf(base_weights, out_dir / "base_hf", run_tokenizer(cfg), progress=False)
     return lm_eval_retention(base_hf, finetuned_hf, cfg.eval.lm_eval, out_dir, str(device),
                              cfg.input_path(cfg.eval.lm_eval.include_path))
+
+
+def table_lines(entry: Mapping[str, Any] | None) -> list[str]:
+    """`eval`'s printed lines for eval.json's lm-eval entry (none when it did not run)."""
+    if not entry:
+        return []
+    if "skipped" in entry:
+        return [f"  lm-eval skipped: {entry['skipped']}"]
+    return [f"  {f'{task} {metric}':<22}{v['base']:>12.4f}{v['finetuned']:>12.4f}"
+            f"{'' if v['retention'] is None else format(v['retention'], '.3f') + ' retained':>21}"
+            for task, metrics in entry["tasks"].items() for metric, v in metrics.items()]

@@ -161,4 +161,6 @@ def format_table(result: Mapping[str, Any]) -> str:
                      f"({domain['correct']}/{domain['examples']} {domain['task']})")
     elif "skipped" in domain:
         lines.append(f"  domain metric skipped: {domain['skipped']}")
-    return "\n".join(lines)
+    from replay_megatron.evaluation.lm_eval import table_lines
+
+    return "\n".join(lines + table_lines(result.get("lm_eval")))
