@@ -39,9 +39,10 @@ def task_manager(tasks: list[str], include_path: Path | None):
 
 
 def harness_scores(hf_dir: str | os.PathLike, settings, out_dir: str | os.PathLike, device: str,
-                   tasks) -> dict[str, Any]:
-    """Run lm-eval's tasks `settings.tasks` (from the TaskManager `tasks`) on the HF model in `hf_dir`;
-    {"file": its results file, "scores": {task: {metric: value}}} as read back from that file."""
+                   tasks, tokenizer: str | os.PathLike) -> dict[str, Any]:
+    """Run lm-eval's tasks `settings.tasks` (from the TaskManager `tasks`) on the HF model in `hf_dir` with
+    the HF tokenizer in `tokenizer`; {"file": its results file, "scores": {task: {metric: value}}} as read
+    back from that file."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
@@ -52,7 +53,8 @@ def harness_scores(hf_dir: str | os.PathLike, settings, out_dir: str | os.PathLi
     limit = int(settings.limit) if settings.limit is not None and settings.limit >= 1 else settings.limit
     dtype = "float32" if torch.device(device).type == "cpu" else "auto"
     with factories_restored():  # eval runs with megatron's CPU adapter active
-        results = simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "dtype": dtype},
+        results = simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "tokenizer": str(tokenizer),
+                                                          "dtype": dtype},
                                   tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=limit,
                                   batch_size=settings.batch_size, device=device, task_manager=tasks,
                                   apply_chat_template=settings.apply_chat_template, evaluation_tracker=tracker)
@@ -83,11 +85,12 @@ def retention(base: Mapping[str, Mapping[str, float]], finetuned: Mapping[str, M
 
 def lm_eval_retention(base_hf: Path, finetuned_hf: Path, settings, out_dir: Path, device: str,
                       include_path: Path | None = None) -> dict[str, Any]:
-    """eval.json's `lm_eval` entry: both models' lm-eval scores, retention per task, lm-eval's files."""
+    """eval.json's `lm_eval` entry: both models' lm-eval scores, retention per task, lm-eval's files. Both
+    use the fine-tuned export's tokenizer (the run's; a base HF dir need not hold one)."""
     require_lm_eval()
     tasks = task_manager(list(settings.tasks), include_path)
-    base = harness_scores(base_hf, settings, out_dir / "base", device, tasks)
-    finetuned = harness_scores(finetuned_hf, settings, out_dir / "finetuned", device, tasks)
+    base = harness_scores(base_hf, settings, out_dir / "base", device, tasks, finetuned_hf)
+    finetuned = harness_scores(finetuned_hf, settings, out_dir / "finetuned", device, tasks, finetuned_hf)
     return {"settings": settings.model_dump(mode="json"), "base_model": str(base_hf),
             "finetuned_model": str(finetuned_hf), "results_files": {"base": base["file"], "finetuned": finetuned["file"]},
             "tasks": retention(base["scores"], finetuned["scores"])}
