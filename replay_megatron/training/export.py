@@ -74,7 +74,7 @@ def run_tokenizer(cfg) -> Path | None:
 
 def export_run_to_hf(cfg, progress: bool = True) -> Path:
     """`<run_dir>/hf` from the run's latest checkpoint and its tokenizer (`run_tokenizer`)."""
-    from replay_megatron.training import run_dir as layout_of_run
+    from replay_megatron import run_dir as layout_of_run
 
     return export_hf(layout_of_run.checkpoint_model_dir(cfg.run_dir), cfg.run_dir / layout_of_run.HF_EXPORT,
                      run_tokenizer(cfg), progress=progress)
