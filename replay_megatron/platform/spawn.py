@@ -41,7 +41,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    # Started from a torchrun worker (e.g. train's HF export), the child would inherit torchrun's agent
+    # Started from a torchrun worker, the child would inherit torchrun's agent
     # store setting and wait forever as a client of a store nobody serves on this new port.
     for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
         del os.environ[key]
