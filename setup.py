@@ -19,6 +19,7 @@ setup(
         "transformers>=4.51",
         "numpy>=1.24",
         "sentencepiece>=0.2",
+        "protobuf>=3.20",  # reads a sentencepiece model's settings when it is exported as an HF tokenizer
         "pyyaml>=6.0",
         "safetensors>=0.4",
         "pydantic>=2.5",
@@ -29,7 +30,10 @@ setup(
         "npu": ["torch_npu"],
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard>=2.12"],
-        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12"],
+        # lm-evaluation-harness with its Hugging Face model backend (eval.lm_eval)
+        "eval": ["lm-eval[hf]>=0.4.9"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12",
+                 "lm-eval[hf]>=0.4.9"],
     },
     entry_points={"console_scripts": ["replay-megatron=replay_megatron.cli.main:main"]},
 )

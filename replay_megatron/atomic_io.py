@@ -5,6 +5,7 @@ project writes that a later step trusts (stores, manifests, configs, metrics sum
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -45,3 +46,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented, key-sorted JSON to `path` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (streamed: the replay store's and the checkpoints' checksums)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

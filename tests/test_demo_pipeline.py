@@ -257,6 +257,7 @@ def test_quick_demo_numbers_are_the_runs_own(quick_demo):
         assert evaluation["base"]["perplexity"] == report["base"]["perplexity"]
         losses.add(row["final_loss"])
     assert len(losses) == len(report["runs"]), "every method and seed trained its own weights"
+    _lm_eval_numbers_are_lm_evals_own(report, base_eval)
     store = out / "stores" / "domain_topk"
     recorded = json.loads((store / "collect_timing.json").read_text())
     for row in report["runs"]:
@@ -286,3 +287,27 @@ def test_quick_demo_numbers_change_with_the_seed(quick_demo, tmp_path):
     for name, row in rows7.items():
         for key in ("final_loss", "loss_std", "relative_l2", "perplexity_change"):
             assert row[key] != rows[f"{name} seed {seed}"][key], (name, key)
+
+
+def _lm_eval_numbers_are_lm_evals_own(report: dict, base_eval: dict) -> None:
+    """lm-eval ran on the base and each run's HF export: every lm-eval number of the report is the one in
+    lm-eval's own results file (fine-tuned scores per run, the base column from the base's eval)."""
+    from replay_megatron.reporting.runs import LM_EVAL_RETENTION, LM_EVAL_SCORE
+
+    def scores(path: str) -> dict:
+        return json.loads(Path(path).read_text())["results"]
+
+    base_file = scores(base_eval["lm_eval"]["results_files"]["finetuned"])
+    keys = [k for k in report["base"] if k.startswith(LM_EVAL_SCORE + ":")]
+    assert keys, "no lm-eval numbers in the report"
+    for key in keys:
+        _, task, metric = key.split(":", 2)
+        assert report["base"][key] == base_file[task][metric]
+    for row in report["runs"]:
+        lm_eval = json.loads((Path(row["run_dir"]) / layout_of_run.EVAL).read_text())["lm_eval"]
+        finetuned, base = (scores(lm_eval["results_files"][k]) for k in ("finetuned", "base"))
+        for key in keys:
+            _, task, metric = key.split(":", 2)
+            assert row[key] == finetuned[task][metric]
+            assert row[f"{LM_EVAL_RETENTION}:{task}:{metric}"] == finetuned[task][metric] / base[task][metric]
+            assert base[task][metric] == base_file[task][metric]  # its base: the base column's model

@@ -112,15 +112,16 @@ def test_report_numbers_table_and_plots(runs, tmp_path):
         assert row in md, row
 
     names = sorted(report["plots"])
-    assert names == ["plots/cos_phi.png", "plots/grad_norm.png", "plots/k_hist_0_replay_run.png", "plots/loss.png"]
+    assert names == ["plots/cos_phi.png", "plots/grad_norm.png", "plots/k_hist_0_replay_run.png", "plots/loss.png",
+                     "plots/pareto.png"]
     for name in names:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _run_of(tmp_path: Path, seed: int, loss: float, perplexity: float, accuracy: float, *overrides: str,
-            base_perplexity: float = 10.0) -> Path:
+            base_perplexity: float = 10.0, mc: float = 0.5) -> Path:
     """A full-softmax run of configs/base/cpu_tiny.yaml with `run.seed=seed` (under runs/seed<seed>): two
-    logged steps ending at `loss`, and an eval.json."""
+    logged steps ending at `loss`, and an eval.json (lm-eval task "mc": `mc` against the base's 0.5)."""
     from replay_megatron.config import load_config, save_resolved
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/base/cpu_tiny.yaml",
@@ -134,7 +135,8 @@ def _run_of(tmp_path: Path, seed: int, loss: float, perplexity: float, accuracy:
         "base": {"perplexity": base_perplexity}, "finetuned": {"perplexity": perplexity},
         "perplexity_change": perplexity - base_perplexity,
         "perplexity_change_rel": (perplexity - base_perplexity) / base_perplexity, "relative_l2": 0.1,
-        "domain": {"accuracy": accuracy}}))
+        "domain": {"accuracy": accuracy},
+        "lm_eval": {"tasks": {"mc": {"acc,none": {"base": 0.5, "finetuned": mc, "retention": mc / 0.5}}}}}))
     return run
 
 
@@ -142,9 +144,9 @@ def test_repeats_over_seeds_share_a_column_with_mean_and_std_beside_the_base(tmp
     """Three seeds of one config: one column, mean ± sample std by hand; a run with another lr its own
     column; the base column shows only its own eval (perplexity, domain accuracy); a run whose eval saw
     another base perplexity is named in a note."""
-    seeds = [_run_of(tmp_path, 1, 1.0, 11.0, 0.2), _run_of(tmp_path, 2, 2.0, 12.0, 0.3),
+    seeds = [_run_of(tmp_path, 1, 1.0, 11.0, 0.2, mc=0.4), _run_of(tmp_path, 2, 2.0, 12.0, 0.3, mc=0.45),
              _run_of(tmp_path, 3, 4.0, 16.0, 0.4, base_perplexity=10.5)]
-    other = _run_of(tmp_path, 4, 3.0, 13.0, 0.5, "optimizer.lr=2e-3")
+    other = _run_of(tmp_path, 4, 3.0, 13.0, 0.5, "optimizer.lr=2e-3", mc=0.3)
     base = _run_of(tmp_path, 5, 0.5, 10.0, 0.1, "run.name=base")
     assert main(["report", "--base", str(base), *map(str, seeds), str(other), "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -167,8 +169,18 @@ def test_repeats_over_seeds_share_a_column_with_mean_and_std_beside_the_base(tmp
                 "| final loss | - | 2.3333 ± 1.5275 | 3.0000 |",
                 "| general perplexity (held-out) | 10.0000 | 13.0000 ± 2.6458 | 13.0000 |",
                 "| domain accuracy | 0.100 | 0.300 ± 0.100 | 0.500 |", "| steps | - | 2 | 2 |",
-                "| relative L2 to base | - | 1.000e-01 | 1.000e-01 |"):
+                "| relative L2 to base | - | 1.000e-01 | 1.000e-01 |",
+                "| lm-eval mc acc,none | 0.5000 | 0.4500 ± 0.0500 | 0.3000 |",
+                "| lm-eval mc acc,none retention | - | 0.900 ± 0.100 | 0.600 |"):
         assert row in md, row
+    assert "plots/pareto.png" in report["plots"]
+
+
+def test_smoothed_loss_is_an_unbiased_moving_average():
+    from replay_megatron.reporting.plots import smoothed
+
+    assert np.allclose(smoothed([2.0] * 5), 2.0)  # no pull towards 0 at the start
+    assert np.allclose(smoothed([0.0, 1.0], weight=0.5), [0.0, 0.5 / 0.75])
 
 
 def test_k_values_are_the_stores_per_position_counts(runs):

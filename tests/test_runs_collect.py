@@ -18,6 +18,7 @@ from qwen3_fixtures import tiny_hf_config, tiny_hf_model
 from train_fixtures import SEQ, write_token_store
 from replay_megatron.config import load_config
 from replay_megatron.platform.spawn import run_local
+from replay_megatron.platform.writer_lock import LOCK_NAME
 from replay_megatron.replay.records import TIMING_RECORD
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
 
@@ -79,7 +80,8 @@ def stores(tmp_path_factory):
     (_, stopped, _), = run_local(collect_job, 1, str(ref), [
         {}, {"config": str(resumed), "stop_after": 2, "commit_every": 3}, {"config": str(resumed), "commit_every": 3}])
     # What the "kill" left: samples 0-2 committed as one part (sample 3 was pending), no shard, no manifest.
-    assert stopped == (None, ["collect.json", "parts-00000/part-000000.npz", "parts-00000/writer.json", "resolved.yaml"])
+    assert stopped == (None, [LOCK_NAME, "collect.json", "parts-00000/part-000000.npz", "parts-00000/writer.json",
+                              "resolved.yaml"])
     run_local(collect_job, 4, str(_config(root, "tp2pp2", tp=2, pp=2)), [{}])
     run_local(collect_job, 2, str(_config(root, "dp2")), [{}])
     return root
@@ -158,15 +160,20 @@ def test_select_records_masks_vocab_padding_and_equals_dynamic_topk():
     assert torch.equal(r.selection.candidates, ref.candidates) and torch.equal(r.selection.k, ref.k)
 
 
+def _mtimes(store: Path) -> dict[Path, int]:
+    """Modification times of a store's files (not its writer lock, which every `collect` takes first)."""
+    return {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.name != LOCK_NAME}
+
+
 @pytest.mark.multiproc
 def test_mismatched_tokenizer_or_dataset_refused_before_work(stores):
     from replay_megatron.runs.collect import collect
 
     _token_store(stores / "tokens_other_tok", "tok-b")  # same arrays, another tokenizer
     _token_store(stores / "tokens_other_data", "tok-a", seed=1)  # same tokenizer, other samples
-    before = {p: p.stat().st_mtime_ns for p in (stores / "stores/ref").rglob("*")}
+    before = _mtimes(stores / "stores/ref")
     for data, what in (("tokens_other_tok", "tokenizer"), ("tokens_other_data", "dataset")):
         cfg = load_config(_config(stores, f"bad_{what}", store="stores/ref", data=data), world_size=1)
         with pytest.raises(ReplayStoreError, match=f"another {what}: fingerprint '{what}' differs"):
             collect(cfg, world_size=1)  # raises in preflight, before any process group or model exists
-    assert before == {p: p.stat().st_mtime_ns for p in (stores / "stores/ref").rglob("*")}
+    assert before == _mtimes(stores / "stores/ref")

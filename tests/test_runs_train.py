@@ -16,7 +16,7 @@ import torch
 from replay_megatron.config import ConfigError, load_config
 from replay_megatron.platform.spawn import run_local
 from replay_megatron import run_dir as layout_of_run
-from train_fixtures import make_training_root
+from train_fixtures import training_root_with_stores
 
 pytestmark = pytest.mark.mcore_compat  # CI also runs these on megatron-core 0.12.1 (README)
 
@@ -117,23 +117,11 @@ def train_job(config_path: str, runs: list[tuple[list[str], dict]]) -> list[dict
     return out
 
 
-def _collect_job(config_path: str) -> None:
-    """The run's store, and one with teacher logits (fp32) for the KL term."""
-    from replay_megatron.platform.distributed import shutdown
-    from replay_megatron.runs.collect import collect
-
-    for overrides in ([], ["collect.store_dir=store_kl", "collect.store_logits=fp32"]):
-        try:
-            collect(load_config(config_path, overrides), world_size=1, progress=False)
-        finally:
-            shutdown()
-
-
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory) -> str:
-    path = make_training_root(tmp_path_factory.mktemp("train"))
-    run_local(_collect_job, 1, str(path))
-    return str(path)
+    """The run's store, and one with teacher logits (fp32) for the KL term."""
+    return training_root_with_stores(tmp_path_factory.mktemp("train"), [],
+                                     ["collect.store_dir=store_kl", "collect.store_logits=fp32"])
 
 
 # a small cap makes MoClip clip on most steps, so a resume that lost its running clip counts shows in clip_rate

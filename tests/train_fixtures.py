@@ -84,3 +84,25 @@ def tiny_model_and_steps(n_steps: int) -> tuple[dict, dict, list]:
     batches = make_micro_batches(hf, n=2 * n_steps)
     return hf, hf_state_dict(tiny_hf_model(hf)), [batches[2 * i: 2 * i + 2] for i in range(n_steps)]
     return max((p.detach() - ref_params[n].detach()).abs().max().item() for n, p in stage.named_parameters())
+
+
+def collect_job(config_path: str, overrides_list: list[list[str]]) -> None:
+    """On one spawned rank: `collect` once per overrides list (a store each), tearing down between them."""
+    from replay_megatron.config import load_config
+    from replay_megatron.platform.distributed import shutdown
+    from replay_megatron.runs.collect import collect
+
+    for overrides in overrides_list:
+        try:
+            collect(load_config(config_path, overrides), world_size=1, progress=False)
+        finally:
+            shutdown()
+
+
+def training_root_with_stores(root: Path, *overrides_list: list[str]) -> str:
+    """`make_training_root` plus its replay store(s), collected in a spawned rank; returns the config path."""
+    from replay_megatron.platform.spawn import run_local
+
+    path = make_training_root(root)
+    run_local(collect_job, 1, str(path), list(overrides_list))
+    return str(path)

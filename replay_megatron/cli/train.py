@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if summary["status"] == "completed" and cfg.train.export_hf:
         from replay_megatron.training.export import export_run_to_hf
 
-        print(f"[train] HF export: {export_run_to_hf(cfg.run_dir)}", flush=True)
+        print(f"[train] HF export: {export_run_to_hf(cfg)}", flush=True)
     s = summary
     print(f"[train] {s['status']}: {s['steps']}/{s['planned_steps']} steps, final loss {s['final_loss']}, "
           f"median {s['median_step_time_s']:.3f} s/step, {s['skipped_steps']} skipped; run dir {cfg.run_dir}")

@@ -226,12 +226,24 @@ class DomainEvalSection(Section):
     limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
 
 
+class LmEvalSection(Section):
+    tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness task names (e.g. mmlu, bbh, or "
+                                                       "local tasks from include_path)")
+    include_path: str | None = Field(None, description="dir of custom task YAMLs (lm-eval --include_path)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (None = each task's default)")
+    limit: float | None = Field(None, gt=0, description="documents per task: a count, or a fraction when < 1")
+    batch_size: int = Field(1, ge=1, description="lm-eval batch size")
+    apply_chat_template: StrictBool = Field(False, description="render prompts with the tokenizer's chat template")
+
+
 class EvalSection(Section):
     micro_batch_size: int = Field(1, ge=1, description="samples per forward pass in held-out evaluation")
     max_batches: int | None = Field(None, ge=1, description="stop after N micro-batches (None = whole set)")
     base_checkpoint: str | None = Field(None, description="weights theta_base of the relative L2 distance "
                                                           "(None = the run's starting weights)")
     domain: DomainEvalSection | None = Field(None, description="domain metric through the HF export")
+    lm_eval: LmEvalSection | None = Field(None, description="lm-evaluation-harness on the base's and the "
+                                                            "fine-tuned HF exports (the [eval] extra)")
 
 
 class LoggingSection(Section):

@@ -5,6 +5,7 @@ Layout of `out_dir` (every file written atomically, `manifest.json` last):
     general_train.jsonl, general_heldout.jsonl   {"id", "prompt", "response", "family"}
     domain_train.jsonl,  domain_heldout.jsonl    {"id", "prompt", "response" (gold SQL), "family": "nl2sql", "db_id"}
     databases/<db_id>.sqlite                     one small SQLite file per database
+    lm_eval/demo_general_mc.{jsonl,yaml}         lm-eval task over general_heldout (demo/lm_eval_task.py)
     manifest.json                                format, config, sample counts, sha256 of every file
     tokenizer.model                              from `train_demo_tokenizer` (sentencepiece, byte fallback)
 
@@ -29,6 +30,7 @@ from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
 from replay_megatron.demo import nl2sql
 from replay_megatron.evaluation.sql_execution import DATABASES_DIR, connect_readonly, run_sql
 from replay_megatron.demo.general_tasks import general_sample
+from replay_megatron.demo.lm_eval_task import write_task as write_lm_eval_task
 
 FORMAT = "replay-megatron-demo-data/1"
 SPLIT_FILES = {
@@ -168,6 +170,7 @@ def generate_demo_data(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig
     for split, name in SPLIT_FILES.items():
         atomic_write_text(out_dir / name, _jsonl(splits[split]))
     files = [out_dir / n for n in SPLIT_FILES.values()] + sorted(db_dir.glob("*.sqlite"))
+    files.append(write_lm_eval_task(out_dir, splits["general_heldout"], cfg.seed))
     manifest = {
         "format": FORMAT,
         "config": asdict(cfg),

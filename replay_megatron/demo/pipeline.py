@@ -23,6 +23,7 @@ generated samples, a few optimizer steps, two methods, a handful of eval example
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -44,7 +45,9 @@ PRETRAIN_DOMAIN = DemoDataConfig(seed=1, general_train=0, general_heldout=0, dom
 QUICK_PRETRAIN_DOMAIN = DemoDataConfig(seed=1, general_train=0, general_heldout=0, domain_train=40, domain_heldout=0,
                                        num_databases=8)
 QUICK_PRETRAIN = ("train.train_iters=16", "optimizer.warmup_iters=2")
-QUICK_EVAL = ("eval.max_batches=1", "eval.domain.limit=6", "eval.domain.max_new_tokens=24")
+QUICK_EVAL = ("eval.max_batches=1", "eval.domain.limit=6", "eval.domain.max_new_tokens=24", "eval.lm_eval.limit=16")
+# Without lm-evaluation-harness (the [eval] extra) the demo runs without its benchmark.
+NO_LM_EVAL = ("eval.lm_eval=null",)
 QUICK_POSTTRAIN = ("train.train_iters=6", "optimizer.warmup_iters=1", *QUICK_EVAL)
 
 
@@ -90,7 +93,8 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None, seeds
     if seed is not None:
         common.append(f"run.seed={seed}")
     pre_file = config_dir / f"{PRETRAIN}.yaml"
-    pre_over = common + list(QUICK_PRETRAIN if quick else ())
+    without = list(NO_LM_EVAL) if importlib.util.find_spec("lm_eval") is None else []
+    pre_over = common + list(QUICK_PRETRAIN if quick else ()) + without
     pre = load_config(pre_file, pre_over)
     if pre.train.train_iters is None:
         raise ValueError(f"{pre_file}: the demo needs train.train_iters (it names the base checkpoint)")
@@ -98,7 +102,7 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None, seeds
         raise ValueError(f"{pre_file}: the demo evaluates the base like the other runs: it needs train.export_hf, "
                          f"data.eval and eval.domain")
     base = pre.run_dir / layout_of_run.CHECKPOINTS / layout_of_run.checkpoint_name(pre.train.train_iters) / "model"
-    post_over = common + [f"model.mcore_checkpoint={base}"] + list(QUICK_POSTTRAIN if quick else ())
+    post_over = common + [f"model.mcore_checkpoint={base}"] + list(QUICK_POSTTRAIN if quick else ()) + without
     runs = []  # (step suffix, config path, overrides, config) of every comparison run, seed by seed
     for m in methods:
         path = config_dir / f"{m}.yaml"
@@ -146,7 +150,7 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None, seeds
                       config_content=_resolved(pre)))
     # The base's eval, with the comparison runs' eval settings: its column in the report.
     base_eval = pre.run_dir / layout_of_run.EVAL
-    base_eval_over = pre_over + list(QUICK_EVAL if quick else ())
+    base_eval_over = pre_over + list(QUICK_EVAL if quick else ()) + without
     steps.append(Step(f"eval-{PRETRAIN}", ("eval", str(pre_file), *base_eval_over), outputs=(base_eval,),
                       complete=base_eval.is_file, ranks=_ranks(pre), after=(PRETRAIN,),
                       config_content=_resolved(load_config(pre_file, base_eval_over))))

@@ -204,24 +204,6 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, device: str = "c
         shutdown()
 
 
-def megatron_to_hf(mcore_dir: str, out_dir: str, device: str = "cpu") -> None:
-    """In one process: build the whole model (TP1/PP1), load (reshard) the checkpoint, write an HF dir."""
-    from replay_megatron.models.conversion import model_to_hf
-    from replay_megatron.models.qwen3 import build_model, transformer_config
-    from replay_megatron.platform.distributed import initialize, shutdown
-
-    hf = read_megatron_meta(mcore_dir)["hf_config"]
-    check_qwen3(hf, source=str(Path(mcore_dir) / META_FILE))
-    initialize(device=device, tp=1, pp=1)
-    try:
-        model = build_model(hf, transformer_config(hf, params_dtype=hf_params_dtype(hf)),
-                            pre_process=True, post_process=True)
-        load_megatron(model, mcore_dir, hf)
-        write_hf_dir(out_dir, model_to_hf(model, hf), hf)
-    finally:
-        shutdown()
-
-
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Run `fn(*args)` here when launched by torchrun/msrun with `world_size` ranks, else spawn that many
     local processes (a fresh process even for 1 rank: megatron's global state and the CPU adapter stay out
@@ -244,9 +226,3 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, device: 
     if hf["num_hidden_layers"] % pp:
         raise ValueError(f"num_hidden_layers={hf['num_hidden_layers']} is not divisible by PP={pp}")
     run_on_ranks(hf_to_megatron, tp * pp, hf_dir, out_dir, tp, pp, device)
-
-
-def convert_megatron_to_hf(mcore_dir: str, out_dir: str, device: str = "cpu") -> None:
-    """`megatron_to_hf` in one (spawned unless launched) process."""
-    read_megatron_meta(mcore_dir)
-    run_on_ranks(megatron_to_hf, 1, mcore_dir, out_dir, device)

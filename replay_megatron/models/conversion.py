@@ -20,7 +20,7 @@ from replay_megatron.models.qwen3 import head_dim
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Megatron (local spec) layer suffix -> HF layer suffix, for tensors that map one to one.
-_LAYER_DIRECT = {
+LAYER_DIRECT = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
@@ -29,7 +29,7 @@ _LAYER_DIRECT = {
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 # Transformer Engine spec fuses the norms into the following linear layer.
-_TE_ALIASES = {
+TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
@@ -39,7 +39,8 @@ class ConversionError(ValueError):
     """Weights and config disagree (missing tensor, wrong shape); the message names the tensor."""
 
 
-def _groups(hf: Mapping[str, Any]) -> tuple[int, int, int]:
+def attention_groups(hf: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(attention heads, key/value groups, head dim) of an HF config."""
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads", heads)
     return heads, groups, head_dim(hf)
@@ -47,7 +48,7 @@ def _groups(hf: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf: Mapping[str, Any]) -> torch.Tensor:
     """HF q/k/v projections -> Megatron's per-group interleaved `linear_qkv` weight (full, TP=1)."""
-    heads, groups, d = _groups(hf)
+    heads, groups, d = attention_groups(hf)
     hidden = q.shape[1]
     q = q.view(groups, heads // groups * d, hidden)
     return torch.cat([q, k.view(groups, d, hidden), v.view(groups, d, hidden)], dim=1).reshape(-1, hidden)
@@ -55,7 +56,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf: Mapping[str,
 
 def split_qkv(qkv: torch.Tensor, hf: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `fuse_qkv`."""
-    heads, groups, d = _groups(hf)
+    heads, groups, d = attention_groups(hf)
     hidden = qkv.shape[1]
     per_group = qkv.view(groups, (heads // groups + 2) * d, hidden)
     q, k, v = per_group.split([heads // groups * d, d, d], dim=1)
@@ -97,10 +98,10 @@ def full_megatron_tensor(name: str, layer_number: int | None, hf_sd: Mapping[str
     match = _LAYER.match(name)
     if not match or layer_number is None:
         raise ConversionError(f"no HF source for Megatron tensor {name!r}")
-    suffix = _TE_ALIASES.get(match.group(2), match.group(2))
+    suffix = TE_ALIASES.get(match.group(2), match.group(2))
     prefix = f"model.layers.{layer_number - 1}."
-    if suffix in _LAYER_DIRECT:
-        return get(prefix + _LAYER_DIRECT[suffix])
+    if suffix in LAYER_DIRECT:
+        return get(prefix + LAYER_DIRECT[suffix])
     if suffix == "self_attention.linear_qkv.weight":
         return fuse_qkv(*(get(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"), hf)
     if suffix == "mlp.linear_fc1.weight":
@@ -158,10 +159,10 @@ def model_to_hf(model: torch.nn.Module, hf: Mapping[str, Any]) -> dict[str, torc
             match = _LAYER.match(name)
             if not match:
                 raise ConversionError(f"no HF name for Megatron tensor {name!r}")
-            suffix = _TE_ALIASES.get(match.group(2), match.group(2))
+            suffix = TE_ALIASES.get(match.group(2), match.group(2))
             prefix = f"model.layers.{numbers[match.group(1)] - 1}."
-            if suffix in _LAYER_DIRECT:
-                out[prefix + _LAYER_DIRECT[suffix]] = tensor
+            if suffix in LAYER_DIRECT:
+                out[prefix + LAYER_DIRECT[suffix]] = tensor
             elif suffix == "self_attention.linear_qkv.weight":
                 for p, part in zip("qkv", split_qkv(tensor, hf)):
                     out[prefix + f"self_attn.{p}_proj.weight"] = part.contiguous()

@@ -3,11 +3,14 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. MindSpore's msrun (used on Ascend
 clusters) sets MS_WORKER_NUM, MS_SCHED_HOST, MS_SCHED_PORT, RANK_ID (or MS_NODE_ID), DEVICE_ID and
 MS_ROLE; it also starts a scheduler process (MS_ROLE=MS_SCHED) that PyTorch does not need, so that process
-exits at once and torch's TCP store takes the scheduler's port on the scheduler host.
+exits at once and torch's TCP store takes the scheduler's port on the scheduler host. A single process
+(no launcher) rendezvous on a free loopback port, or on MASTER_PORT when set, refused at once if taken.
 """
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -38,6 +41,30 @@ class LaunchEnv:
 def is_msrun_scheduler(environ: Mapping[str, str] = os.environ) -> bool:
     """True in msrun's scheduler process, which has no work in a PyTorch job and should exit 0."""
     return environ.get("MS_ROLE") == "MS_SCHED"
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface, for MASTER_PORT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_port(environ: Mapping[str, str]) -> int:
+    """MASTER_PORT when set and free on the loopback interface, else a free port."""
+    if "MASTER_PORT" not in environ:
+        return free_port()
+    port = _int(environ, "MASTER_PORT")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise LaunchEnvError(f"MASTER_PORT={port} is already in use (another run on this machine?); unset "
+                                 "MASTER_PORT to let a single-process run pick a free port, or choose another") from None
+    return port
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
@@ -81,4 +108,4 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             master_addr=environ.get("MS_SCHED_HOST", "127.0.0.1"),
             master_port=_int(environ, "MS_SCHED_PORT"),
         ))
-    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", "29500")))
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", _single_process_port(environ))

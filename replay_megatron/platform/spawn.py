@@ -9,24 +9,17 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
 from replay_megatron.platform.dependency_warnings import pythonwarnings_for_children
+from replay_megatron.platform.launch_env import free_port
 
 
 class RankFailed(RuntimeError):
     """A spawned rank raised; the message holds its rank and traceback."""
-
-
-def free_port() -> int:
-    """An unused TCP port on the loopback interface, for MASTER_PORT."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -48,7 +41,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    # Started from a torchrun worker (e.g. train's HF export), the child would inherit torchrun's agent
+    # Started from a torchrun worker, the child would inherit torchrun's agent
     # store setting and wait forever as a client of a store nobody serves on this new port.
     for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
         del os.environ[key]

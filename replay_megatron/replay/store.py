@@ -28,7 +28,6 @@ timestamps, a resumed collection gives byte-identical files to an uninterrupted 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import torch
+
+from replay_megatron.atomic_io import file_sha256
 
 FORMAT = "replay-megatron-store"
 FORMAT_VERSION = 1
@@ -93,11 +94,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_unique_ids(ids: list[np.ndarray], directory: Path) -> np.ndarray:
@@ -171,6 +167,7 @@ class ReplayStore:
         for shard in manifest["shards"]:
             for name, info in shard["files"].items():
                 _check_file(directory / shard["name"] / name, info, verify)
+        _check_manifest_agrees(directory, manifest)
         names = [*_INDEX, *store_columns(manifest["logits_dtype"])]
         shards = [_Shard(directory / s["name"], names) for s in manifest["shards"]]
         return cls(directory, manifest, shards)
@@ -237,6 +234,32 @@ class ReplayStore:
                 "covered_mass_mean": float(mass.astype(np.float64).mean()) if n else nan,
                 "bytes": total_bytes, "bytes_per_position": per_position,
                 "fraction_of_fp16_logits": per_position / (2 * self.vocab_size)}
+
+
+def _check_manifest_agrees(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse a manifest that contradicts its shards' own records (shard.json, checksummed by it), e.g. one
+    edited by hand: the readers size their arrays from the manifest's k_max."""
+    def corrupt(where: str, key: str, manifest_value: Any, found: Any) -> ReplayStoreError:
+        return ReplayStoreError(f"{directory / MANIFEST_NAME} is corrupt: its {key} is {manifest_value!r}, but "
+                                f"{where} records {found!r}")
+
+    recorded = manifest.get("config", {}).get("collect", {}).get("k_max", manifest["k_max"])
+    if recorded != manifest["k_max"]:
+        raise corrupt("its own config.collect", "k_max", manifest["k_max"], recorded)
+    totals = {key: 0 for key in ("samples", "records", "candidates")}
+    for shard in manifest["shards"]:
+        path = directory / shard["name"] / SHARD_META
+        meta = json.loads(path.read_text())
+        for key in ("format_version", "k_max", "logits_dtype"):
+            if meta.get(key) != manifest[key]:
+                raise corrupt(str(path), key, manifest[key], meta.get(key))
+        for key in totals:
+            if meta.get(key) != shard[key]:
+                raise corrupt(str(path), f"{shard['name']} {key}", shard[key], meta.get(key))
+            totals[key] += shard[key]
+    for key, value in totals.items():
+        if manifest["totals"][key] != value:
+            raise corrupt("the sum over its shards", f"totals.{key}", manifest["totals"][key], value)
 
 
 def _check_file(path: Path, info: Mapping[str, Any], verify: bool) -> None:

@@ -14,10 +14,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from replay_megatron.atomic_io import atomic_write_bytes, atomic_write_json
+from replay_megatron.atomic_io import atomic_write_bytes, atomic_write_json, file_sha256
 from replay_megatron.replay.selection import TopKSelection
 from replay_megatron.replay.store import (FINGERPRINT_KEYS, FORMAT, FORMAT_VERSION, LOGITS_DTYPES, MANIFEST_NAME,
-                                          SHARD_META, ReplayStoreError, as_numpy, check_unique_ids, file_sha256,
+                                          SHARD_META, ReplayStoreError, as_numpy, check_unique_ids,
                                           fsync_dir, shard_name, store_columns, writer_settings)
 
 _K_LIMIT = np.iinfo(np.int16).max - 1  # K_t and gold_index (<= k_max) are int16 on disk

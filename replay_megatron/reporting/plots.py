@@ -1,10 +1,12 @@
-"""The report's PNG plots (matplotlib, Agg backend: no display needed): one line per run for loss, gradient
-norm and MoClip's cos(phi) against the step, and the K_t (|S_t|) histogram of each replay store the runs used."""
+"""The report's PNG plots (matplotlib, Agg backend: no display needed): one line per run for loss (raw, faint,
+with a smoothed line over it), gradient norm and MoClip's cos(phi) against the step, the K_t (|S_t|)
+histogram of each replay store the runs used, and the Pareto view of domain gain against forgetting (one
+point per method, error bars = std over its seeds)."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,8 +39,19 @@ def _save(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def _line_plot(runs: Sequence[RunData], labels: Sequence[str], key: str, ylabel: str, path: Path) -> Path | None:
-    """`key` vs step, one line per run that logs it; None (no file) when no run does."""
+def smoothed(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
+    """Exponential moving average with TensorBoard's bias correction (the first points are not pulled to 0)."""
+    out, avg = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out[i] = avg / (1 - weight ** (i + 1))
+    return out
+
+
+def _line_plot(runs: Sequence[RunData], labels: Sequence[str], key: str, ylabel: str, path: Path,
+               smooth: bool = False) -> Path | None:
+    """`key` vs step, one line per run that logs it (with `smooth`: faint raw line, smoothed line over it);
+    None (no file) when no run does."""
     plotted = [(label, *_series(data, key)) for data, label in zip(runs, labels)]
     plotted = [p for p in plotted if p[1]]
     if not plotted:
@@ -46,7 +59,11 @@ def _line_plot(runs: Sequence[RunData], labels: Sequence[str], key: str, ylabel:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, steps, values in plotted:
-        ax.plot(steps, values, label=label, linewidth=1.2)
+        if smooth:
+            raw, = ax.plot(steps, values, linewidth=0.8, alpha=0.3)
+            ax.plot(steps, smoothed(values), color=raw.get_color(), label=f"{label} (smoothed)", linewidth=1.4)
+        else:
+            ax.plot(steps, values, label=label, linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -81,7 +98,7 @@ def k_histogram(store_dir: Path, label: str, path: Path) -> Path | None:
 def write_plots(runs: Sequence[RunData], labels: Sequence[str], plots_dir: Path) -> list[Path]:
     """All plots for `runs` into `plots_dir`; returns the files written."""
     plots_dir.mkdir(parents=True, exist_ok=True)
-    written = [_line_plot(runs, labels, "loss", "training loss", plots_dir / "loss.png"),
+    written = [_line_plot(runs, labels, "loss", "training loss", plots_dir / "loss.png", smooth=True),
                _line_plot(runs, labels, "grad_norm", "gradient norm |g|", plots_dir / "grad_norm.png"),
                _line_plot(runs, labels, "cos_phi", "MoClip cos(phi)", plots_dir / "cos_phi.png")]
     stores = set()  # runs sharing a store (other optimizers, other seeds) share its histogram
@@ -94,3 +111,27 @@ def write_plots(runs: Sequence[RunData], labels: Sequence[str], plots_dir: Path)
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
+
+
+def pareto_plot(cols: Sequence[dict[str, Any]], base: dict[str, Any] | None, path: Path) -> Path | None:
+    """Domain gain (accuracy - the base's, or accuracy without a base) against forgetting (relative
+    perplexity change), one point per column with std error bars; None when no column has both."""
+    points = [c for c in cols if c["mean"]["domain_accuracy"] is not None and
+              c["mean"]["perplexity_change_rel"] is not None]
+    if not points:
+        return None
+    base_accuracy = (base or {}).get("domain_accuracy")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in points:
+        mean, std = c["mean"], c["std"]
+        y = mean["domain_accuracy"] - (base_accuracy or 0.0)
+        ax.errorbar(100 * mean["perplexity_change_rel"], y, fmt="o", capsize=3,
+                    xerr=None if std["perplexity_change_rel"] is None else 100 * std["perplexity_change_rel"],
+                    yerr=std["domain_accuracy"], label=f"{c['label']} (n={len(c['run_dirs'])})")
+    ax.set_xlabel("forgetting: general perplexity change (%)")
+    ax.set_ylabel("domain accuracy gain over the base" if base_accuracy is not None else "domain accuracy")
+    ax.set_title("domain gain vs forgetting (upper left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
-from replay_megatron.reporting.plots import write_plots
-from replay_megatron.reporting.runs import load_run, repeat_key, run_row
+from replay_megatron.reporting.plots import pareto_plot, write_plots
+from replay_megatron.reporting.runs import LM_EVAL_RETENTION, LM_EVAL_SCORE, load_run, repeat_key, run_row
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -64,6 +64,22 @@ ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
 
 # What the base column shows: the numbers of the base's own eval, not its (pre-)training.
 BASE_KEYS = ("perplexity", "domain_accuracy")
+Row = tuple[str, str, Callable[[Any], str]]
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[Row]:
+    """ROWS, then per lm-eval task and metric any run has: its score and its retention (fine-tuned / base)."""
+    benchmarks = sorted({key.split(":", 1)[1] for r in rows for key in r if key.startswith(LM_EVAL_SCORE + ":")})
+    extra: list[Row] = []
+    for name in benchmarks:
+        task, metric = name.split(":", 1)
+        extra += [(f"{LM_EVAL_SCORE}:{name}", f"lm-eval {task} {metric}", _num(".4f")),
+                  (f"{LM_EVAL_RETENTION}:{name}", f"lm-eval {task} {metric} retention", _num(".3f"))]
+    return ROWS + extra
+
+
+def _base_value(base: dict[str, Any], key: str) -> Any:
+    return base.get(key) if key in BASE_KEYS or key.startswith(LM_EVAL_SCORE + ":") else None
 
 
 def _cell(value: Any, fmt: Callable[[Any], str], std: Optional[float] = None) -> str:
@@ -73,13 +89,13 @@ def _cell(value: Any, fmt: Callable[[Any], str], std: Optional[float] = None) ->
     return text.replace("|", "\\|")
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(mean, std) of each ROWS number over repeats: a value all runs share as it is (std None), None when
+def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[Row] = ROWS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mean, std) of each row number over repeats: a value all runs share as it is (std None), None when
     a run lacks it, else the mean and the sample standard deviation."""
     mean: dict[str, Any] = {}
     std: dict[str, Any] = {}
-    for key, _, _ in ROWS:
-        values = [r[key] for r in rows]
+    for key, _, _ in keys:
+        values = [r.get(key) for r in rows]
         if None in values or len(set(values)) == 1:
             mean[key], std[key] = (None if None in values else values[0]), None
         else:
@@ -89,12 +105,13 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
 
 def columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """The table's columns: runs grouped by `keys` (repeat_key), in order of first appearance."""
+    shown = table_rows(rows)
     groups: dict[str, list[dict[str, Any]]] = {}
     for row, key in zip(rows, keys):
         groups.setdefault(key, []).append(row)
     cols = []
     for members in groups.values():
-        mean, std = summarize(members)
+        mean, std = summarize(members, shown)
         cols.append({"name": members[0]["name"], "run_dirs": [r["run_dir"] for r in members],
                      "seeds": [r["seed"] for r in members], "mean": mean, "std": std})
     names = [c["name"] for c in cols]
@@ -109,8 +126,8 @@ def markdown_table(cols: Sequence[dict[str, Any]], base: Optional[dict[str, Any]
     heads = (["base"] if base is not None else []) + [
         c["label"] + (f" (n={len(c['run_dirs'])})" if len(c["run_dirs"]) > 1 else "") for c in cols]
     lines = ["| metric | " + " | ".join(h.replace("|", "\\|") for h in heads) + " |", "|---|" + "---|" * len(heads)]
-    for key, label, fmt in ROWS:
-        cells = [_cell(base[key] if key in BASE_KEYS else None, fmt)] if base is not None else []
+    for key, label, fmt in table_rows([{k: None for k in c["mean"]} for c in cols]):
+        cells = [_cell(_base_value(base, key), fmt)] if base is not None else []
         cells += [_cell(c["mean"][key], fmt, c["std"][key]) for c in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -149,6 +166,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         row["name"] = label
     base = run_row(base_run) if base_run is not None else None
     plots = write_plots(runs, [r["name"] for r in rows], out_dir / PLOTS_DIR)
+    plots += [p for p in [pareto_plot(cols, base, out_dir / PLOTS_DIR / "pareto.png")] if p is not None]
     notes = [f"{r.run_dir}: {note}" for r in runs + ([base_run] if base_run else []) for note in r.notes]
     notes += _base_notes(base, rows) if base is not None else []
     report = {"runs": rows, "columns": cols, "base": base, "plots": [str(p.relative_to(out_dir)) for p in plots],
@@ -157,7 +175,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
           "Stability after warm-up (SPEC.md section 5): loss std, grad-norm CV (std/mean), spikes = steps whose "
           "loss exceeds the trailing-window mean by more than sigma trailing std. \"-\": not available for the run. "
           "n > 1: mean ± sample standard deviation over n runs that differ only in their seed."
-          + (" base: the model the runs started from, evaluated like them." if base is not None else ""),
+          + (" base: the model the runs started from, evaluated like them." if base is not None else "")
+          + " lm-eval rows: lm-evaluation-harness scores from its own results files; retention = fine-tuned /"
+            " base score (the paper's Table 2).",
           "", *[f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]]
     if notes:
         md += ["", "Notes:", *[f"- {n}" for n in notes]]

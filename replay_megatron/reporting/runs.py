@@ -150,4 +150,18 @@ def run_row(data: RunData) -> dict[str, Any]:
     }
     if data.store_dir is not None:
         row.update(store_figures(data.store_dir))
+    row.update(lm_eval_figures(ev.get("lm_eval")))
     return row
+
+
+LM_EVAL_SCORE, LM_EVAL_RETENTION = "lm_eval", "lm_eval_retention"  # row keys "<kind>:<task>:<metric>"
+
+
+def lm_eval_figures(result: dict[str, Any] | None) -> dict[str, Any]:
+    """eval.json's lm-eval entry as row keys: the fine-tuned score and its retention per task and metric."""
+    figures: dict[str, Any] = {}
+    for task, metrics in ((result or {}).get("tasks") or {}).items():
+        for metric, values in metrics.items():
+            figures[f"{LM_EVAL_SCORE}:{task}:{metric}"] = values["finetuned"]
+            figures[f"{LM_EVAL_RETENTION}:{task}:{metric}"] = values["retention"]
+    return figures

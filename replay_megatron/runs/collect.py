@@ -39,6 +39,7 @@ from replay_megatron.data.tokenizer import load_tokenizer
 from replay_megatron.models.forward import pipeline_forward, schedule_chunks
 from replay_megatron.models.sources import build_loaded_stage
 from replay_megatron.platform.device import host_to_device
+from replay_megatron.platform.writer_lock import held_by_rank0
 from replay_megatron.replay.fingerprint import model_fingerprint
 from replay_megatron.replay.records import (START_RECORD, TIMING_RECORD, CollectSettings, check_start_record,
                                             manifest_config, select_records)
@@ -89,6 +90,7 @@ def _share_todo(todo: list[int] | None, layout) -> list[int]:
     return next(t for t in gathered if t is not None)
 
 
+@held_by_rank0(lambda cfg: cfg.collect.store_dir and cfg.input_path(cfg.collect.store_dir), "collect")
 def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None, commit_every: int = 256,
             progress: bool | None = None) -> dict[str, Any] | None:
     """Run Stage 0 for `cfg` on this process (one rank of a torchrun/msrun job, or a single process).
@@ -132,6 +134,10 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     elapsed = time.perf_counter() - started
     if stop_after is not None:
         return None
+    timing = {"wall_s": elapsed, "micro_batches": len(todo), "micro_batch_size": settings.micro_batch_size,
+              "seconds_per_micro_batch": elapsed / len(todo) if todo else None}
+    if layout.rank == 0 and todo:  # before the shards close: a kill from here on leaves nothing to recompute
+        atomic_write_json(store_dir / TIMING_RECORD, timing)  # (a re-run that computes nothing keeps it)
     if writer is not None:
         writer.close()
     dist.barrier()
@@ -140,10 +146,6 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     if not (store_dir / MANIFEST_NAME).exists():
         finalize_store(store_dir, layout.dp, config=record["config"], fingerprints=record["fingerprints"],
                        vocab_size=record["vocab_size"])
-    timing = {"wall_s": elapsed, "micro_batches": len(todo), "micro_batch_size": settings.micro_batch_size,
-              "seconds_per_micro_batch": elapsed / len(todo) if todo else None}
-    if todo:  # a re-run of a finished store computes nothing and keeps the first timing
-        atomic_write_json(store_dir / TIMING_RECORD, timing)
     return {**ReplayStore.open(store_dir, expect=record["fingerprints"]).summary(), "timing": timing}
 
 

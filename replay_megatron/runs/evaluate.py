@@ -65,6 +65,10 @@ def preflight(cfg, run_dir: Path) -> dict[str, Any]:
         domain_data = cfg.input_path(cfg.eval.domain.data)
         read_examples(domain_data, cfg.eval.domain.limit)  # its JSONL and databases, before any work
         databases_of(domain_data)
+    if cfg.eval.lm_eval is not None:
+        from replay_megatron.evaluation.lm_eval import require_lm_eval
+
+        require_lm_eval()
     return {"final": final, "base": base_weights(cfg, run_dir), "eval_data": eval_data,
             "hf_export": hf_export if (hf_export / "config.json").is_file() else None}
 
@@ -94,7 +98,7 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
         "relative_l2": relative_l2_distance(final, base),
         "eval_data": None if paths["eval_data"] is None else str(paths["eval_data"]),
         "base": None, "finetuned": None, "perplexity_change": None, "perplexity_change_rel": None,
-        "domain": None,
+        "domain": None, "lm_eval": None,
     }
     if paths["eval_data"] is not None:
         dataset = TokenDataset(paths["eval_data"])
@@ -111,6 +115,10 @@ def evaluate_run(cfg, run_dir: str | os.PathLike | None = None) -> dict[str, Any
         result["domain"] = (_domain(cfg, paths["hf_export"], layout.device.torch_device)
                             if paths["hf_export"] is not None else
                             {"skipped": f"{run_dir / layout_of_run.HF_EXPORT} does not exist (train.export_hf)"})
+    if cfg.eval.lm_eval is not None:
+        from replay_megatron.evaluation.lm_eval import configured_lm_eval
+
+        result["lm_eval"] = configured_lm_eval(cfg, run_dir, paths["base"], paths["hf_export"], layout.device.torch_device)
     atomic_write_json(run_dir / layout_of_run.EVAL, result)
     return result
 
@@ -134,4 +142,6 @@ def format_table(result: Mapping[str, Any]) -> str:
                      f"({domain['correct']}/{domain['examples']} {domain['task']})")
     elif "skipped" in domain:
         lines.append(f"  domain metric skipped: {domain['skipped']}")
-    return "\n".join(lines)
+    from replay_megatron.evaluation.lm_eval import table_lines
+
+    return "\n".join(lines + table_lines(result.get("lm_eval")))

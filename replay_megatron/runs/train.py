@@ -8,8 +8,9 @@ Megatron-LM does); then the metrics logger, the periodic eval and the checkpoint
 cadence, and fault handling (NaN/Inf steps, SIGTERM). Everything the run writes is listed in `run_dir`.
 
 Before any process group exists, `preflight` refuses: an optimizer the megatron stack does not carry, a
-missing token store, a replay store made from another model / tokenizer / dataset or not covering the
-data, and a run dir holding a run with another config (`config.check_resume`).
+missing token store, a replay store made from another model / tokenizer / dataset or with other collect
+settings (`replay.store_binding`) or not covering the data, and a run dir holding a run with another config
+(`config.check_resume`). Rank 0 holds the run dir's writer lock throughout (`platform.writer_lock`).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from replay_megatron.config.resolved import config_fingerprint
 from replay_megatron.data.token_store import TokenDataset, is_token_store
 from replay_megatron.models.sources import load_configured_weights
 from replay_megatron.optim.registry import OPTIMIZERS, trainable_optimizers
+from replay_megatron.platform.writer_lock import held_by_rank0
 from replay_megatron.replay.fingerprint import model_fingerprint
 from replay_megatron.replay.store import ReplayStore
+from replay_megatron.replay.store_binding import check_store_settings
 from replay_megatron.runs.periodic_eval import PeriodicEval
 from replay_megatron.runs.progress import Progress
 from replay_megatron.runs.startup import start_run
@@ -105,6 +108,7 @@ def _open_replay_store(cfg, dataset):
     store = ReplayStore.open(cfg.input_path(cfg.train.replay_store),
                              expect={"model": model_fingerprint(cfg), "tokenizer": dataset.tokenizer_fingerprint,
                                      "dataset": dataset.fingerprint})
+    check_store_settings(store.manifest, cfg, str(store.directory))
     if cfg.train.kl_weight > 0 and store.logits_dtype is None:
         raise ConfigError.of([Problem("train.kl_weight", f"the KL term needs teacher logits, but {store.directory} "
                                       "stores none (collect with collect.store_logits=fp16|bf16|fp32)",
@@ -117,6 +121,7 @@ def _open_replay_store(cfg, dataset):
     return store
 
 
+@held_by_rank0(lambda cfg: cfg.run_dir, "train")
 def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
           stop_after_steps: int | None = None) -> dict[str, Any] | None:
     """Run (or resume) the training run of `cfg` on this rank; returns the summary on rank 0. Raises

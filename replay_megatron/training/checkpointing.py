@@ -6,8 +6,9 @@ included): the plain and mixed-precision optimizers' state maps to the model's s
 reshards to any TP/PP like the weights; the distributed optimizer's (in the format that
 `mcore_compat.optimizer_sharded_state_dict` picks) loads only at the TP/PP it was saved at, so a resume
 at another layout then keeps weights and data position and starts fresh optimizer state (and says so).
-`train_state.json` is written last and `checkpoints/latest` after it, so a checkpoint a crash cut short
-is never resumed from.
+`train_state.json` and then `checksums.json` (training.checkpoint_manifest: sha256 of every file, hashed
+by the ranks that wrote them) are written last and `checkpoints/latest` after them, so a checkpoint a
+crash cut short is never resumed from, and one damaged since is caught before it loads.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
-from replay_megatron.mcore_compat import optimizer_sharded_state_dict
 from replay_megatron import run_dir as layout_of_run
+from replay_megatron.mcore_compat import optimizer_sharded_state_dict
+from replay_megatron.training.checkpoint_manifest import hash_saved_files, resume_checkpoint, write_manifest
 
 
 @dataclass
@@ -63,8 +65,10 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, model, optimizer, hf
     dist_checkpointing.save(_sharded_optimizer_state(model, optimizer, False), str(directory / "optimizer"),
                             sharded_strategy=_sync_torch_dist_strategy())
     dist.barrier()
+    hashed = hash_saved_files(directory)
     if dist.get_rank() == 0:
         atomic_write_json(directory / layout_of_run.TRAIN_STATE, asdict(state))
+        write_manifest(directory, hashed)
         atomic_write_text(root / layout_of_run.LATEST, directory.name + "\n")
     dist.barrier()
     return directory
@@ -140,10 +144,10 @@ class Checkpointer:
         return save_checkpoint(self.run_dir, state, model, optimizer, self.hf)
 
     def start(self, model, optimizer, scheduler, *, random_init: bool) -> TrainState:
-        """The state to continue from: the latest checkpoint when there is one (weights, optimizer state when
+        """The state to continue from: the latest verified checkpoint when there is one (weights, optimizer state when
         it reshards to this layout, scheduler, data position), else step 0; a fresh run from random weights
         first saves them (`eval`'s base)."""
-        latest = layout_of_run.latest_checkpoint(self.run_dir)
+        latest = resume_checkpoint(self.run_dir, announce=self.rank == 0)
         if latest is None:
             if random_init:
                 save_initial_weights(self.run_dir, model, self.hf)

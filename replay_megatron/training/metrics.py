@@ -1,7 +1,7 @@
 """Per-step metrics of a training run: `metrics.jsonl` (+ TensorBoard when installed), written by rank 0.
 
 A resumed run first drops the lines past the checkpoint it resumes from (a killed run may have logged
-steps it did not save), so the file always reads as one uninterrupted run.
+steps it did not save, the last one maybe torn), so the file always reads as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def truncate_after(path: Path, step: int) -> None:
     """Keep only the records of `path` with record["step"] <= step (atomic rewrite; no file: nothing)."""
     if not path.is_file():
         return
-    kept = [r for r in layout_of_run.read_jsonl(path) if r["step"] <= step]
+    kept = [r for r in layout_of_run.read_jsonl(path, torn_tail_ok=True) if r["step"] <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
