@@ -29,7 +29,10 @@ setup(
         "npu": ["torch_npu"],
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard>=2.12"],
-        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12"],
+        # Parquet inputs to `preprocess` (pyarrow alone: `datasets` would add pandas, fsspec, the hub client)
+        "parquet": ["pyarrow>=14"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12",
+                 "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["replay-megatron=replay_megatron.cli.main:main"]},
 )

@@ -95,3 +95,10 @@ def test_sentencepiece_multi_turn_mask_and_no_system_role(tmp_path):
     assert sp.encode_chat(TALK[1:], ChatOptions(loss_on="last"))[1] == [0] * (n1 + a1 + n2) + [1] * a2
     with pytest.raises(ValueError, match="sentencepiece template has no 'system' role"):
         sp.encode_chat(TALK)
+
+
+def test_qwen3_multi_turn_without_thinking_renders_history_plainly(qwen3):
+    ids, mask = qwen3.encode_chat(TALK, ChatOptions(enable_thinking=False))
+    assert runs(qwen3, ids, mask) == [
+        (0, head(("system", SYS), ("user", U1))), (1, f"{A1}<|im_end|>"),
+        (0, "\n" + head(("user", U2)) + "<think>\n\n</think>\n\n"), (1, f"{A2}<|im_end|>"), (0, "\n")]

@@ -5,7 +5,9 @@ Two routes to the assistant tokens:
   return_assistant_tokens_mask=True)`, and the mask is the template's;
 - otherwise (Qwen3's template among them) turn by turn: assistant turn i starts where the render of
   messages[:i] with the generation prompt ends (that must be a prefix of the whole conversation's
-  render) and runs through the first end-of-sequence token after it. The text is tokenized piece by
+  render; with `enable_thinking=False`, Qwen3 renders earlier turns without the think block its
+  generation prompt holds, so there the plain generation prompt is tried too) and runs through the
+  first end-of-sequence token after it. The text is tokenized piece by
   piece at those boundaries, so each prompt's tokens are exactly what a generator would start from.
 
 Thinking models: `enable_thinking` is passed to the template when set. The empty think block
@@ -82,8 +84,8 @@ def _template_marked(tok: Any, messages: list[dict[str, str]], kwargs: dict[str,
 
 def _turn_by_turn(tok: Any, messages: list[dict[str, str]], kwargs: dict[str, Any], eos_id: int,
                   where: str) -> tuple[list[int], Spans]:
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+    def render(msgs: list[dict[str, str]], generation_prompt: bool, options: dict[str, Any] = kwargs) -> str:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **options)
 
     full, eos_text = render(messages, False), tok.convert_ids_to_tokens(eos_id)
     chars = []
@@ -91,6 +93,8 @@ def _turn_by_turn(tok: Any, messages: list[dict[str, str]], kwargs: dict[str, An
         if m["role"] != "assistant":
             continue
         head = render(messages[:i], True)
+        if not full.startswith(head):  # an earlier turn of a thinking template is rendered without its think block
+            head = render(messages[:i], True, {})
         if not full.startswith(head):
             raise ValueError(f"chat template of {where} does not render the conversation as generation prompt + "
                              f"answer at message {i}, so the assistant tokens cannot be located")
