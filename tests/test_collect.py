@@ -7,6 +7,7 @@ TP1xPP1 for the layouts (candidate sets equal except where a cumulative mass lie
 positions and gold equal; masses and logits to 1e-5/1e-4), and byte equality of manifest and shard files
 for the resume.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import yaml
 from qwen3_fixtures import tiny_hf_config, tiny_hf_model
 from train_fixtures import SEQ, write_token_store
 from replay_megatron.config import load_config
+from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.platform.spawn import run_local
 from replay_megatron.replay.collect import TIMING_RECORD
 from replay_megatron.replay.store import ReplayStore, ReplayStoreError
@@ -121,6 +123,10 @@ def test_layouts_store_the_same_records(stores, layout):
         torch.testing.assert_close(a.candidate_logits[finite & ~near[:, None]],
                                    b.candidate_logits[finite & ~near[:, None]], atol=1e-4, rtol=0)
     assert exempt <= 2  # the tolerance excuses the odd row, not the comparison
+    # Stage 0 throughput counts real tokens over all DP ranks; the rest of the rows is padding
+    timing = json.loads((stores / f"stores/{layout}" / TIMING_RECORD).read_text())
+    real = int(np.minimum(TokenDataset(stores / "tokens").lengths - 1, SEQ).sum())
+    assert timing["tokens"] == real and timing["padding_fraction"] == pytest.approx(1 - real / (11 * SEQ))
 
 
 @pytest.mark.multiproc

@@ -7,6 +7,7 @@ stored mask `m` (m[j] = 1: token j is a target) becomes, in row b of a [b, s] ba
     labels[b, t]    = ids[t + 1]                 the token position t must predict; pad_id past the end
     loss_mask[b, t] = m[t + 1]                   1.0 iff labels[b, t] is a loss-bearing target; 0 on padding
     position_ids[b, t] = t
+    lengths[b]      = min(L - 1, s)              the row's real (non-pad) positions
 
 so position t's label is the token at t + 1 and the loss mask at t refers to that label. Padding is on
 the right; with causal attention it cannot influence real positions, so no attention mask is needed.
@@ -40,6 +41,7 @@ class GPTBatch:
     loss_mask: torch.Tensor  # [b, s]
     position_ids: torch.Tensor  # [b, s]
     sample_ids: torch.Tensor  # [b]
+    lengths: torch.Tensor  # [b] real positions per row (the rest is padding): honest tokens/s
 
     def to(self, device: torch.device | str) -> GPTBatch:
         """The batch on `device` (built on the host, it reaches an accelerator once, through pinned memory)."""
@@ -52,6 +54,7 @@ def make_batch(samples: Sequence[Mapping], seq_length: int, pad_id: int) -> GPTB
     tokens = torch.full((b, seq_length), pad_id, dtype=torch.int64)
     labels = torch.full((b, seq_length), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((b, seq_length), dtype=torch.float32)
+    lengths = torch.zeros(b, dtype=torch.int64)
     for row, s in enumerate(samples):
         ids, mask = np.asarray(s["tokens"], dtype=np.int64), np.asarray(s["loss_mask"], dtype=np.float32)
         if len(ids) > seq_length + 1:
@@ -61,9 +64,15 @@ def make_batch(samples: Sequence[Mapping], seq_length: int, pad_id: int) -> GPTB
         tokens[row, :n] = torch.from_numpy(ids[:n])
         labels[row, :n] = torch.from_numpy(ids[1:])
         loss_mask[row, :n] = torch.from_numpy(mask[1:])
+        lengths[row] = n
     position_ids = torch.arange(seq_length, dtype=torch.int64).expand(b, seq_length).contiguous()
     sample_ids = torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64)
-    return GPTBatch(tokens, labels, loss_mask, position_ids, sample_ids)
+    return GPTBatch(tokens, labels, loss_mask, position_ids, sample_ids, lengths)
+
+
+def real_positions(lengths: np.ndarray, seq_length: int) -> int:
+    """Positions of seq_length-long rows that hold a token, for samples of these stored lengths (make_batch)."""
+    return int(np.clip(np.asarray(lengths, dtype=np.int64) - 1, 0, seq_length).sum())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -253,10 +253,11 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     per committed part file (the most a crash can lose).
     """
     from replay_megatron.config import model_hf_config, save_resolved
-    from replay_megatron.data.dataset import make_batch, sequential_micro_batches
+    from replay_megatron.data.dataset import make_batch, real_positions, sequential_micro_batches
     from replay_megatron.data.token_store import TokenDataset
     from replay_megatron.models.forward import pipeline_forward
     from replay_megatron.platform.distributed import initialize
+    from replay_megatron.platform.exact_sum import all_reduce_float64
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     record = preflight(cfg, world)
@@ -308,6 +309,10 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     elapsed = time.perf_counter() - started
     if stop_after is not None:
         return None
+    rows = [i for m in todo for i in index_batches[m]]  # real (non-pad) positions and row positions over DP
+    real, slots = all_reduce_float64(torch.tensor([real_positions(dataset.lengths[rows], settings.seq_length),
+                                                   len(rows) * settings.seq_length], dtype=torch.float64,
+                                                  device=device), group=ps.get_data_parallel_group()).tolist()
     if writer is not None:
         writer.close()
     dist.barrier()
@@ -319,7 +324,8 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
         finalize_store(store_dir, layout.dp, config=record["config"], fingerprints=record["fingerprints"],
                        vocab_size=record["vocab_size"])
     timing = {"wall_s": elapsed, "micro_batches": len(todo), "micro_batch_size": settings.micro_batch_size,
-              "seconds_per_micro_batch": elapsed / len(todo) if todo else None}
+              "seconds_per_micro_batch": elapsed / len(todo) if todo else None, "tokens": int(real),
+              "tokens_per_s": real / elapsed if todo else None, "padding_fraction": 1 - real / slots if todo else None}
     if todo:  # a re-run of a finished store computes nothing and keeps the first timing
         atomic_write_json(store_dir / TIMING_RECORD, timing)
     return {**ReplayStore.open(store_dir, expect=record["fingerprints"]).summary(), "timing": timing}
@@ -358,6 +364,7 @@ def format_summary(summary: Mapping[str, float | int], store_dir: str | Path) ->
             f"  {s['bytes_per_position']:.1f} bytes per position = {100 * s['fraction_of_fp16_logits']:.3f}% of "
             f"full fp16 logits ({s['bytes']} bytes)"
             + (f"\n  Stage 0 time {s['timing']['wall_s']:.1f} s, {s['timing']['seconds_per_micro_batch']:.3f} s per "
-               f"micro-batch of {s['timing']['micro_batch_size']}"
+               f"micro-batch of {s['timing']['micro_batch_size']}, {s['timing']['tokens_per_s']:.0f} tokens/s "
+               f"(padding {s['timing']['padding_fraction']:.0%} of the rows)"
                if s.get("timing", {}).get("seconds_per_micro_batch") else ""))
 

@@ -179,7 +179,8 @@ class _Progress:
         elif self.show and (record["step"] % self.every == 0 or record["step"] == self.total):
             loss = "nan (skipped)" if record["skipped"] else f"{record['loss']:.4f}"
             print(f"[train] step {record['step']}/{self.total} loss {loss} lr {record['lr']:.3e} "
-                  f"grad_norm {record['grad_norm']:.3f} {record['step_time_s']:.2f} s/step", flush=True)
+                  f"grad_norm {record['grad_norm']:.3f} {record['step_time_s']:.2f} s/step "
+                  f"{record['tokens_per_s']:.0f} tokens/s (padding {record['padding_fraction']:.0%})", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -331,10 +332,11 @@ def _save(run_dir: Path, state: TrainState, model, optimizer, scheduler, hf) -> 
 
 def _step_record(cfg, state: TrainState, result: dict, optimizer, elapsed: float, device) -> dict[str, Any]:
     """One metrics.jsonl line (training.run_dir.METRIC_KEYS, plus MoClip's statistics)."""
-    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    slots = cfg.train.global_batch_size * cfg.data.seq_length
     record = {"step": state.step, "loss": result["loss"], "lr": float(optimizer.param_groups[0]["lr"]),
               "grad_norm": result["grad_norm"], "skipped": result["skipped"], "tokens": result["tokens"],
-              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+              "tokens_per_s": result["real_tokens"] / elapsed, "padding_fraction": 1 - result["real_tokens"] / slots,
+              "step_time_s": elapsed,
               "peak_memory_bytes": peak_memory_bytes(device), "consumed_samples": state.consumed_samples}
     moclip = _moclip(optimizer)
     if moclip is not None and moclip.last_stats is not None and not result["skipped"]:
@@ -376,6 +378,7 @@ def _write_summary(cfg, run_dir: Path, state: TrainState, status: str, planned: 
         "final_loss": ok[-1]["loss"] if ok else None,
         "median_step_time_s": statistics.median(r["step_time_s"] for r in records) if records else None,
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in records) if records else None,
+        "padding_fraction": statistics.fmean(r["padding_fraction"] for r in records) if records else None,
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
         "stability": configured_stability([r["loss"] for r in ok], [r["grad_norm"] for r in ok], cfg),
     }
