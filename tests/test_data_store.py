@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from replay_megatron.cli.main import main
+from replay_megatron.data.formats import exchange
 from replay_megatron.data.preprocess import DataError, fit_to_length, preprocess
 from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -28,7 +29,7 @@ def _expected(tok, rows, seq_length):
     """Reference: each row encoded by the tokenizer directly, cut to seq_length + 1."""
     out = []
     for r in rows:
-        ids, mask = tok.encode_instruction(r["prompt"], r["response"])
+        ids, mask = tok.encode_chat(exchange(r["prompt"], r["response"]))
         out.append((ids[:seq_length + 1], mask[:seq_length + 1]))
     return out
 

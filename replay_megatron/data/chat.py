@@ -87,6 +87,8 @@ def _turn_by_turn(tok: Any, messages: list[dict[str, str]], kwargs: dict[str, An
     def render(msgs: list[dict[str, str]], generation_prompt: bool, options: dict[str, Any] = kwargs) -> str:
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **options)
 
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant message, so nothing to train on")
     full, eos_text = render(messages, False), tok.convert_ids_to_tokens(eos_id)
     chars = []
     for i, m in enumerate(messages):

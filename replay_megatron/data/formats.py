@@ -44,6 +44,11 @@ class Record:
     messages: list[dict[str, str]]
 
 
+def exchange(prompt: str, response: str) -> list[dict[str, str]]:
+    """The conversation of one prompt and its response."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
 def parse_map(entries: Sequence[str], shape: str) -> dict[str, str]:
     """`["prompt=question", "role:assistant=bot"]` -> {name: field}; unknown names are refused."""
     known = set(FIELDS.get(shape, ())) | ({f"role:{r}" for r in ROLES} if shape in ("chat", "sharegpt") else set())
@@ -217,8 +222,7 @@ def _role_aliases(defaults: Mapping[str, str], mapping: Mapping[str, str]) -> di
 
 def _conversation(shape: str, f: _Fields, mapping: Mapping[str, str]) -> list[dict[str, str]]:
     if shape == "instruction":
-        messages = [{"role": "user", "content": f.get("prompt", str)},
-                    {"role": "assistant", "content": f.get("response", str)}]
+        messages = exchange(f.get("prompt", str), f.get("response", str))
     elif shape == "chat":
         messages = _turns(f, "messages", "role", "content", _role_aliases({r: r for r in ROLES}, mapping))
     elif shape == "alpaca":
@@ -227,11 +231,10 @@ def _conversation(shape: str, f: _Fields, mapping: Mapping[str, str]) -> list[di
         for n, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
                 raise f.fail(f"{f.name('history')!r}[{n}]", "expected [user text, assistant text]")
-            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            messages += exchange(*pair)
         query = f.get("instruction", str)
         extra = f.get("input", str, required=False, default="")
-        messages += [{"role": "user", "content": f"{query}\n{extra}" if extra else query},
-                     {"role": "assistant", "content": f.get("output", str)}]
+        messages += exchange(f"{query}\n{extra}" if extra else query, f.get("output", str))
     else:
         messages = _turns(f, "conversations", "from", "value", _role_aliases(SHAREGPT_ROLES, mapping))
     system = f.get("system", str, required=False) if shape != "chat" else None

@@ -2,8 +2,7 @@
 
 `encode_chat(messages, options)` returns the ids of one training conversation and its loss mask, 1 on
 exactly the tokens the model must learn to produce (the assistant turns and their end-of-sequence
-tokens; see chat.py for the options); `encode_instruction(prompt, response)` is the one-turn case;
-`encode_prompt(prompt)` is the prefix a generator starts from, so training and inference see the same
+tokens; see chat.py for the options); `encode_prompt(prompt)` is the prefix a generator starts from, so training and inference see the same
 ids. `fingerprint()` is the sha256 of the tokenizer files, stored with every artifact built from token
 ids so that a mismatched tokenizer is refused rather than silently mixed.
 
@@ -49,7 +48,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def encode_prompt(self, prompt: str) -> list[int]: ...
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]: ...
     def encode_chat(self, messages: list[dict[str, str]],
                     options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]: ...
     def fingerprint(self) -> str: ...
@@ -94,9 +92,6 @@ class SentencePieceTokenizer:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return [self.bos_id, self.user_id, *self.encode(prompt), self.assistant_id]
-
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        return self.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
 
     def encode_chat(self, messages: list[dict[str, str]],
                     options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]:
@@ -146,9 +141,6 @@ class HFTokenizer:
                              f"(or preprocess with --format text)")
         return self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                         add_generation_prompt=True))
-
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        return self.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
 
     def encode_chat(self, messages: list[dict[str, str]],
                     options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]:
