@@ -113,6 +113,8 @@ class DataSection(Section):
     eval: str | None = Field(None, description="held-out token store dir for perplexity (optional)")
     seq_length: int = Field(4096, ge=8, description="tokens per sample (paper: 4096)")
     tokenizer: str | None = Field(None, description="HF tokenizer dir or sentencepiece .model file")
+    packing: StrictBool = Field(False, description="several samples per seq_length row (block-diagonal attention, "
+                                                   "positions restarting per sample); batch sizes then count rows")
 
 
 class PositionsSection(Section):

@@ -88,46 +88,51 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_start: int, vocab_size: int) 
     return logits
 
 
-def _flatten(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, position) pairs of per-row position lists, for gathering [N, V_local] logit rows."""
+def _flatten(rows: list[int], starts: list[int], per_sample: list[torch.Tensor],
+             device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) index pairs of per-sample position lists, for gathering [N, V_local] logit rows."""
     empty = [torch.empty(0, dtype=torch.int64)]
-    row_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(per_row)] or empty)
-    return host_to_device(row_of, device), host_to_device(torch.cat(per_row or empty), device)
+    row_of = torch.cat([torch.full((len(p),), r, dtype=torch.int64) for r, p in zip(rows, per_sample)] or empty)
+    columns = torch.cat([p + c for c, p in zip(starts, per_sample)] or empty)
+    return host_to_device(row_of, device), host_to_device(columns, device)
 
 
-def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, sample_ids: torch.Tensor,
+def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, segments: torch.Tensor,
                    settings: CollectSettings, *, vocab_size: int, vocab_start: int = 0,
                    tp_group=None) -> list[SampleRecords]:
     """SPEC.md section 1 for one micro-batch: positions per sample, then dynamic Top-K on all chosen rows.
 
     `logits` [b, s, V_local] (this TP rank's shard in the model's dtype, modified in place: vocab padding ->
     -inf; selection works in fp32 on the gathered rows only), `labels` (on the logits' device) and
-    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row; these two best
-    on the host, where positions are chosen). A collective on `tp_group`: every TP rank must call it with
-    the same batch.
+    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `segments` [n, 4] (sample id, row, first column,
+    length; a sample id of -1 marks filler; these two best on the host, where positions are chosen).
+    Positions are those inside each sample, so packed and unpacked batches give the same records. A
+    collective on `tp_group`: every TP rank must call it with the same batch.
     """
     mask_vocab_padding(logits, vocab_start, vocab_size)
     host_mask = loss_mask.cpu() > 0  # positions are chosen on the host (a no-op for the host copy collect passes)
-    rows = [(int(sid), host_mask[i].nonzero().squeeze(-1)) for i, sid in enumerate(sample_ids.tolist()) if sid >= 0]
-    confidences = [None] * len(rows)
+    samples = [(sid, row, start, host_mask[row, start:start + n].nonzero().squeeze(-1))
+               for sid, row, start, n in segments.tolist() if sid >= 0]
+    rows, starts = [row for _, row, _, _ in samples], [start for _, _, start, _ in samples]
+    confidences = [None] * len(samples)
     if settings.strategy == "bucket":
-        row_of, positions = _flatten([pos for _, pos in rows], logits.device)
-        c = gold_probability(logits[row_of, positions], labels[row_of, positions], vocab_start=vocab_start,
+        row_of, columns = _flatten(rows, starts, [pos for *_, pos in samples], logits.device)
+        c = gold_probability(logits[row_of, columns], labels[row_of, columns], vocab_start=vocab_start,
                              tp_group=tp_group).cpu().numpy()
-        confidences = np.split(c, np.cumsum([len(pos) for _, pos in rows])[:-1])
+        confidences = np.split(c, np.cumsum([len(pos) for *_, pos in samples])[:-1])
     chosen = [torch.from_numpy(select_positions(settings.strategy, pos.numpy(), sample_id=sid, seed=settings.seed,
                                                 amount=settings.amount, confidences=conf,
                                                 buckets=settings.buckets))
-              for (sid, pos), conf in zip(rows, confidences)]
-    row_of, positions = _flatten(chosen, logits.device)
-    targets = labels[row_of, positions]
-    selection = dynamic_topk(logits[row_of, positions], targets, settings.tau, settings.k_max,
+              for (sid, *_, pos), conf in zip(samples, confidences)]
+    row_of, columns = _flatten(rows, starts, chosen, logits.device)
+    targets = labels[row_of, columns]
+    selection = dynamic_topk(logits[row_of, columns], targets, settings.tau, settings.k_max,
                              vocab_start=vocab_start, tp_group=tp_group,
                              return_logits=settings.store_logits is not None)
-    out, start = [], 0
-    for (sid, _), pos in zip(rows, chosen):
-        part = slice(start, start + len(pos))
-        start += len(pos)
+    out, first = [], 0
+    for (sid, *_), pos in zip(samples, chosen):
+        part = slice(first, first + len(pos))
+        first += len(pos)
         out.append(SampleRecords(sid, pos, targets[part], TopKSelection(
             *(None if t is None else t[part] for t in selection))))
     return out
@@ -253,7 +258,8 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     per committed part file (the most a crash can lose).
     """
     from replay_megatron.config import model_hf_config, save_resolved
-    from replay_megatron.data.dataset import make_batch, real_positions, sequential_micro_batches
+    from replay_megatron.data.dataset import real_positions, sequential_micro_batches
+    from replay_megatron.data.packing import row_source
     from replay_megatron.data.token_store import TokenDataset
     from replay_megatron.models.forward import pipeline_forward
     from replay_megatron.platform.distributed import initialize
@@ -280,11 +286,13 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     is_writer = layout.is_last_stage and layout.tp_rank == 0
     writer = ReplayStoreWriter(store_dir, layout.dp_rank, k_max=settings.k_max, logits_dtype=settings.store_logits,
                                commit_every=commit_every) if is_writer else None
-    index_batches = list(sequential_micro_batches(len(dataset), settings.micro_batch_size, layout.dp, layout.dp_rank))
+    rows = row_source(cfg, dataset)  # samples, or packs of them (data.packing)
+    index_batches = list(sequential_micro_batches(len(rows), settings.micro_batch_size, layout.dp, layout.dp_rank))
     todo = None
     if writer is not None:
         done = writer.committed_sample_ids
-        todo = [] if writer.closed else [m for m, idx in enumerate(index_batches) if not done.issuperset(idx)]
+        todo = [] if writer.closed else [m for m, idx in enumerate(index_batches)
+                                         if not done.issuperset(rows.sample_ids(idx))]
     todo = _share_todo(todo, layout)
     if stop_after is not None:
         todo = todo[:stop_after]
@@ -300,18 +308,20 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     for group in sized:
         for start in range(0, len(group), chunk):
             ids = group[start:start + chunk]
-            host = [make_batch([dataset[i] for i in index_batches[m]], settings.seq_length, pad_id) for m in ids]
+            host = [rows.batch(index_batches[m], pad_id) for m in ids]
             on_output = _store_callback(host, settings, writer, vocab_size=hf["vocab_size"],
                                         tp_rank=layout.tp_rank, tp_group=tp_group)
-            pipeline_forward(model, [host_to_device(b.tokens, device) for b in host], on_output)
+            pipeline_forward(model, [host_to_device(b.tokens, device) for b in host], on_output,
+                             [host_to_device(b.position_ids, device) if b.packed else None for b in host])
             bar.update(len(ids))
     bar.close()
     elapsed = time.perf_counter() - started
     if stop_after is not None:
         return None
-    rows = [i for m in todo for i in index_batches[m]]  # real (non-pad) positions and row positions over DP
-    real, slots = all_reduce_float64(torch.tensor([real_positions(dataset.lengths[rows], settings.seq_length),
-                                                   len(rows) * settings.seq_length], dtype=torch.float64,
+    ran = [r for m in todo for r in index_batches[m]]  # real (non-pad) positions and row positions over DP
+    real, slots = all_reduce_float64(torch.tensor([real_positions(dataset.lengths[rows.sample_ids(ran)],
+                                                                  settings.seq_length),
+                                                   len(ran) * settings.seq_length], dtype=torch.float64,
                                                   device=device), group=ps.get_data_parallel_group()).tolist()
     if writer is not None:
         writer.close()
@@ -337,7 +347,7 @@ def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStor
     def on_output(logits: torch.Tensor, i: int) -> None:
         batch = batches[i]  # on the host: only the labels travel to the logits' device
         records = select_records(logits, host_to_device(batch.labels, logits.device), batch.loss_mask,
-                                 batch.sample_ids, settings,
+                                 batch.segments, settings,
                                  vocab_size=vocab_size, vocab_start=tp_rank * logits.shape[-1], tp_group=tp_group)
         if writer is not None:
             done = writer.committed_sample_ids  # a resumed micro-batch may hold committed samples

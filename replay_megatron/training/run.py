@@ -44,6 +44,7 @@ class TrainInputs:
     dataset: Any
     store: Any
     total_steps: int
+    rows: Any  # data.packing.RowSource: what a batch row holds
 
 
 def total_steps(cfg, num_samples: int) -> int:
@@ -52,8 +53,9 @@ def total_steps(cfg, num_samples: int) -> int:
         return cfg.train.train_iters
     per_epoch = num_samples // cfg.train.global_batch_size
     if per_epoch == 0:
-        raise ConfigError.of([Problem("train.global_batch_size", f"data.train has {num_samples} samples, fewer "
-                                      "than one global batch; lower it or set train.train_iters",
+        raise ConfigError.of([Problem("train.global_batch_size", f"data.train has {num_samples} rows (samples, or "
+                                      "packs of them with data.packing), fewer than one global batch; lower it "
+                                      "or set train.train_iters",
                                       cfg.train.global_batch_size)])
     return cfg.train.epochs * per_epoch
 
@@ -78,7 +80,10 @@ def preflight(cfg, world_size: int) -> TrainInputs:
         _token_store(cfg, "data.eval")  # fails now rather than at the first evaluation
     store = _open_replay_store(cfg, dataset) if cfg.train.loss == "replay" else None
     check_resume(cfg, cfg.run_dir)
-    return TrainInputs(dataset, store, total_steps(cfg, len(dataset)))
+    from replay_megatron.data.packing import row_source
+
+    rows = row_source(cfg, dataset)
+    return TrainInputs(dataset, store, total_steps(cfg, len(rows)), rows)
 
 
 def _token_store(cfg, key: str):
@@ -214,7 +219,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     """
     from replay_megatron.config import model_hf_config, save_resolved
     from replay_megatron.config.resolved import config_fingerprint
-    from replay_megatron.data.dataset import make_batch, num_microbatches, train_micro_batches
+    from replay_megatron.data.dataset import num_microbatches, train_micro_batches
     from replay_megatron.models.sources import load_configured_weights
     from replay_megatron.platform.distributed import initialize
     from replay_megatron.training.objectives import FullVocabCE, ReplayMicroBatch, RestrictedCE
@@ -262,7 +267,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     objective = RestrictedCE(kl_weight=t.kl_weight) if t.loss == "replay" else FullVocabCE()
     dataset = inputs.dataset
     pad_id = int(dataset.meta["tokenizer"].get("pad_id") or 0)
-    samples = train_micro_batches(len(dataset), t.micro_batch_size, layout.dp, layout.dp_rank, cfg.run.seed,
+    samples = train_micro_batches(len(inputs.rows), t.micro_batch_size, layout.dp, layout.dp_rank, cfg.run.seed,
                                   consumed_samples=state.consumed_samples)
     eval_data = _EvalData(cfg, layout, hf["vocab_size"]) if cfg.data.eval is not None else None
     logger = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
@@ -275,11 +280,10 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     try:
         while state.step < inputs.total_steps:
             start = time.perf_counter()
-            host = [make_batch([dataset[i] for i in next(samples)], cfg.data.seq_length, pad_id)
-                    for _ in range(n_micro)]
+            host = [inputs.rows.batch(next(samples), pad_id) for _ in range(n_micro)]
             batches = [b.to(device) for b in host]
             if t.loss == "replay":
-                batches = [ReplayMicroBatch(b, replay_targets(h.sample_ids, h.labels, inputs.store.get,
+                batches = [ReplayMicroBatch(b, replay_targets(h.segments, h.labels, inputs.store.get,
                                                               vocab_size=hf["vocab_size"],
                                                               with_teacher=t.kl_weight > 0).to(device)
                                             if layout.is_last_stage else None) for b, h in zip(batches, host)]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from replay_megatron.models.qwen3 import causal_attention_mask
+from replay_megatron.models.qwen3 import causal_attention_mask, packed_attention_mask
 from replay_megatron.platform.exact_sum import all_reduce_float64
 from replay_megatron.training.faults import any_rank, has_nonfinite
 from replay_megatron.training.objectives import FullVocabCE, Objective
@@ -34,7 +34,9 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
 
     def forward_step(data_iterator, chunk):
         micro_batch = next(data_iterator)
-        output = objective.forward(chunk, micro_batch, mask)
+        batch = getattr(micro_batch, "batch", micro_batch)
+        output = objective.forward(chunk, micro_batch, packed_attention_mask(batch.position_ids) if batch.packed
+                                   else mask)
         return output, lambda out: objective.loss(out, micro_batch)
 
     model.zero_grad_buffer()
@@ -47,7 +49,7 @@ def train_step(model, optimizer, micro_batches: list, objective: Objective | Non
     if parallel_state.is_pipeline_last_stage():
         for logged in losses:
             totals[:2] += next(iter(logged.values())).double()
-        totals[2] = sum(getattr(m, "batch", m).lengths.sum() for m in micro_batches)
+        totals[2] = sum(getattr(m, "batch", m).segments[:, 3].sum() for m in micro_batches)
     # sum over DP; only the last stage holds nonzero totals, so a sum over PP broadcasts them
     totals = all_reduce_float64(totals, group=parallel_state.get_data_parallel_group())
     totals = all_reduce_float64(totals, group=parallel_state.get_pipeline_model_parallel_group())
