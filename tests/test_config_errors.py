@@ -5,11 +5,10 @@ overrides and world size, and checks the ConfigError text contains every expecte
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from replay_megatron.config import ConfigError, check_store_matches, load_config
+from replay_megatron.config import ConfigError, load_config
 
 BASE = ("model: {preset: qwen3-tiny, params_dtype: fp32}\ndata: {seq_length: 64}\n"
         "train: {loss: full, global_batch_size: 4}\n")
@@ -149,31 +148,3 @@ def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
         load_config("run.yaml")
     keys = sorted(p.split(" ")[0] for p in err.value.problems)
     assert keys == ["optimizer.clip_mode", "optimizer.lr", "run.seeed"]
-
-
-def _store(tmp_path, manifest):
-    store = tmp_path / "store"
-    store.mkdir()
-    if manifest is not None:
-        (store / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / "run.yaml").write_text(BASE + f"collect: {{store_dir: {store}}}\n")
-    return load_config(tmp_path / "run.yaml")
-
-
-def test_store_made_from_another_model_is_refused(tmp_path):
-    cfg = _store(tmp_path, {"fingerprints": {"model": "aaa111"}})
-    assert check_store_matches(cfg, "aaa111") == {"fingerprints": {"model": "aaa111"}}
-    with pytest.raises(ConfigError) as err:
-        check_store_matches(cfg, "bbb222")
-    (line,) = err.value.problems
-    assert line.startswith(f"train.replay_store = '{tmp_path / 'store'}': the store was collected from another "
-                           f"model: {tmp_path / 'store' / 'manifest.json'} has model fingerprint aaa111, the "
-                           f"configured model ('qwen3-tiny') has bbb222"), line
-
-
-@pytest.mark.parametrize("manifest, fragment", [(None, "no store manifest at"),
-                                                ({"fingerprints": {}}, "has no fingerprints.model")])
-def test_store_without_a_model_fingerprint_is_refused(tmp_path, manifest, fragment):
-    cfg = _store(tmp_path, manifest)
-    with pytest.raises(ConfigError, match=fragment):
-        check_store_matches(cfg, "aaa111")

@@ -13,7 +13,7 @@ import torch
 
 from replay_megatron.optim import TAM, MoFO
 from replay_megatron.optim.mofo import top_k_mask
-from test_moclip import backward, make_mlp
+from moclip_fixtures import backward, make_mlp
 
 TOL = 1e-6
 STEPS = 8

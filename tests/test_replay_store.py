@@ -12,8 +12,9 @@ import torch
 
 from replay_megatron.replay.fingerprint import fingerprint_files, fingerprint_json, fingerprint_state_dict
 from replay_megatron.replay.selection import dynamic_topk
+from replay_megatron.replay.store_writer import ReplayStoreWriter, finalize_store
 from replay_megatron.replay.store import (
-    ReplayStore, ReplayStoreError, ReplayStoreWriter, finalize_store, shard_name,
+    ReplayStore, ReplayStoreError, shard_name,
 )
 
 VOCAB, K_MAX = 300, 20

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from replay_megatron.data.synthetic import write_random_token_store
+
 
 SEQ = 24
 
@@ -37,3 +39,32 @@ def make_training_root(root: Path) -> Path:
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+
+
+def make_micro_batches(hf, n=2, b=2, s=16):
+    from replay_megatron.data.dataset import make_batch
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for m in range(n):
+        samples = []
+        for i in range(b):
+            length = int(torch.randint(8, s + 2, (1,), generator=g))
+            tokens = torch.randint(1, hf["vocab_size"], (length,), generator=g).numpy()
+            loss_mask = (torch.arange(length) >= length // 3).to(torch.uint8).numpy()
+            samples.append({"sample_id": m * b + i, "tokens": tokens, "loss_mask": loss_mask})
+        out.append(make_batch(samples, s, pad_id=0))
+    return out
+
+
+def max_deviation(stage, expected_hf_state_dict, hf, layout) -> float:
+    """Largest |difference| between this rank's trained stage and the same stage loaded from an HF state dict."""
+    from replay_megatron.models.conversion import load_hf_into_model
+    from replay_megatron.models.qwen3 import build_model
+
+    reference = build_model(hf, stage.config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
+    load_hf_into_model(reference, expected_hf_state_dict, hf, tp=layout.tp, tp_rank=layout.tp_rank)
+    ref_params = dict(reference.named_parameters())
+    return max((p.detach() - ref_params[n].detach()).abs().max().item() for n, p in stage.named_parameters())

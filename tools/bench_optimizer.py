@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from replay_megatron.optim import MoClip
-from replay_megatron.optim.moclip import CPU_BLOCK_NUMEL, fused_kernels
+from replay_megatron.optim.elementwise import CPU_BLOCK_NUMEL, fused_kernels
 
 
 def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list[tuple[int, ...]]:

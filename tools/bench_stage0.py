@@ -4,7 +4,7 @@ One process (TP1 x PP1, megatron-core Qwen3 with random weights), the same seede
 row of the table:
 
   forward   megatron's forward-only pipeline schedule, logits discarded (what any eval pass costs)
-  collect   the same schedule with Stage 0's per-micro-batch work (replay.collect.select_records: vocab
+  collect   the same schedule with Stage 0's per-micro-batch work (replay.records.select_records: vocab
             padding mask, position strategy, vocab-parallel dynamic Top-K) and the replay-store writer,
             including the final merge of the shard; one row per position strategy
 
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from replay_megatron.models.presets import preset
     from replay_megatron.models.qwen3 import build_stage
     from replay_megatron.platform.distributed import initialize, shutdown
-    from replay_megatron.replay.collect import CollectSettings, select_records
-    from replay_megatron.replay.store import ReplayStore, ReplayStoreWriter, finalize_store
+    from replay_megatron.replay.records import CollectSettings, select_records
+    from replay_megatron.replay.store import ReplayStore
+    from replay_megatron.replay.store_writer import ReplayStoreWriter, finalize_store
 
     hf = preset("qwen3-0.6b", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=4 * args.hidden,

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, variant: tuple[str, str, str]) -> dict:
     from replay_megatron.optim.megatron import build_optimizer
     from replay_megatron.platform.distributed import initialize, shutdown
     from replay_megatron.training.objectives import FullVocabCE, RestrictedCE
-    from replay_megatron.training.run import peak_memory_bytes
+    from replay_megatron.training.step_metrics import peak_memory_bytes
     from replay_megatron.training.setup import build_ddp_model
     from replay_megatron.training.step import train_step
 

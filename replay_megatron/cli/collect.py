@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, collect, print the store summary on rank 0."""
-    from replay_megatron.replay.collect import collect, format_summary
+    from replay_megatron.runs.collect import collect, format_summary
 
     progress = False if args.no_progress else None
     cfg, summary = run_config_job(args, "collect",

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, evaluate, print the table on rank 0."""
-    from replay_megatron.evaluation.run import evaluate_run, format_table
+    from replay_megatron.runs.evaluate import evaluate_run, format_table
 
     _, result = run_config_job(args, "eval", lambda cfg, world: evaluate_run(cfg, args.run_dir))
     if result is not None:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, export to HF on rank 0, print the summary."""
     from replay_megatron.training.faults import TrainingAborted
-    from replay_megatron.training.run import train
+    from replay_megatron.runs.train import train
 
     progress = False if args.no_progress else None
     try:

@@ -7,15 +7,13 @@ Public API (see schema.py for every section and field):
     save_resolved(cfg, run_dir) -> Path          <run_dir>/resolved.yaml, written atomically
     config_fingerprint(cfg) -> str               sha256 of the canonical resolved config
     check_resume(cfg, run_dir)                   refuse a run dir started with another config
-    check_store_matches(cfg, expected_model_fingerprint) -> manifest dict
 """
 from replay_megatron.config.errors import ConfigError
 from replay_megatron.config.loader import load_config, validate_config
 from replay_megatron.config.model_shape import ModelShape, model_hf_config, model_shape
-from replay_megatron.config.preflight import check_store_matches
 from replay_megatron.config.resolved import check_resume, config_fingerprint, load_resolved, save_resolved
 from replay_megatron.config.schema import ReplayConfig
 
-__all__ = ["ConfigError", "ModelShape", "ReplayConfig", "check_resume", "check_store_matches",
+__all__ = ["ConfigError", "ModelShape", "ReplayConfig", "check_resume",
            "config_fingerprint", "load_config", "load_resolved", "model_hf_config", "model_shape",
            "save_resolved", "validate_config"]

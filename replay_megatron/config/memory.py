@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from replay_megatron.config.model_shape import ModelShape
 from replay_megatron.config.params import Layout, rank_params
 from replay_megatron.config.schema import ReplayConfig
+from replay_megatron.optim.registry import optimizer_spec
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# fp32 optimizer states per parameter: (on 2-D transformer matrices, on everything else).
-OPTIMIZER_STATES = {"moclip": (2, 2), "adamw": (2, 2), "adam_atan2": (2, 2), "moclip_adam_eps": (2, 2),
-                    "mofo": (2, 2), "tam": (1, 1), "adamuon": (2, 2), "muonclip": (1, 2)}
 # What one stored position of a replay store holds besides candidates: K_t, covered mass, position (4 B each).
 STORE_POSITION_OVERHEAD = 12
 STORE_LSE_BYTES = 4
@@ -72,7 +70,7 @@ def train_memory(cfg: ReplayConfig, shape: ModelShape, layout: Layout, stage: in
     """Stage 1 memory of one rank of PP `stage`."""
     p = rank_params(shape, layout, stage)
     dtype = cfg.model.params_dtype
-    on_matrices, on_rest = OPTIMIZER_STATES[cfg.optimizer.name]
+    on_matrices, on_rest = optimizer_spec(cfg.optimizer.name).states
     main_params = 0 if dtype == "fp32" else 4 * p.total
     optimizer = 4 * (on_matrices * p.matrices + on_rest * (p.total - p.matrices)) + main_params
     if cfg.parallel.distributed_optimizer:

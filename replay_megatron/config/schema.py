@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from replay_megatron.config.errors import did_you_mean
 from replay_megatron.models.presets import PRESETS
+from replay_megatron.optim.registry import OPTIMIZERS
 
-OptimizerName = Literal["moclip", "adamw", "adam_atan2", "moclip_adam_eps", "tam", "mofo", "adamuon", "muonclip"]
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]  # the registry's names
 
 
 class Section(BaseModel):

@@ -25,7 +25,7 @@ uninterrupted run would have read; the order does not depend on D.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -140,8 +140,6 @@ def sequential_micro_batches(n: int, micro_batch: int, dp_size: int, dp_rank: in
         yield list(range(start, min(start + micro_batch, n)))
 
 
-def batches(dataset: TokenDataset, index_batches: Iterable[list[int]], seq_length: int,
-            pad_id: int) -> Iterator[GPTBatch]:
-    """GPTBatches for a stream of index lists (from `train_micro_batches` or `sequential_micro_batches`)."""
-    for idx in index_batches:
-        yield make_batch([dataset[i] for i in idx], seq_length, pad_id)
+def batch_of(dataset: TokenDataset, indices: Sequence[int], seq_length: int) -> GPTBatch:
+    """The GPTBatch of samples `indices` of a token store, padded with its tokenizer's pad id (on the host)."""
+    return make_batch([dataset[i] for i in indices], seq_length, dataset.pad_id)

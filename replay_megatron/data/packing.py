@@ -67,10 +67,11 @@ class RowSource:
         """The samples held by `rows`."""
         return list(rows) if self.packs is None else [i for r in rows for i in self.packs[r]]
 
-    def batch(self, rows: Sequence[int], pad_id: int) -> GPTBatch:
-        """The GPTBatch of `rows` (host tensors)."""
+    def batch(self, rows: Sequence[int]) -> GPTBatch:
+        """The GPTBatch of `rows` (host tensors, padded with the tokenizer's pad id)."""
         members = [[r] for r in rows] if self.packs is None else [self.packs[r] for r in rows]
-        return make_rows_batch([[self.dataset[i] for i in m] for m in members], self.seq_length, pad_id)
+        return make_rows_batch([[self.dataset[i] for i in m] for m in members], self.seq_length,
+                               self.dataset.pad_id)
 
 
 def row_source(cfg, dataset: TokenDataset) -> RowSource:

@@ -214,6 +214,11 @@ class TokenDataset:
         return int(self.meta["tokenizer"]["vocab_size"])
 
     @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id, which fills every row past its sample (0 when the tokenizer has none)."""
+        return int(self.meta["tokenizer"].get("pad_id") or 0)
+
+    @property
     def seq_length(self) -> int:
         return int(self.meta["seq_length"])
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
 from replay_megatron.demo import nl2sql
-from replay_megatron.demo.execution import connect_readonly, run_sql
+from replay_megatron.evaluation.sql_execution import DATABASES_DIR, connect_readonly, run_sql
 from replay_megatron.demo.general_tasks import general_sample
 
 FORMAT = "replay-megatron-demo-data/1"
@@ -37,7 +37,6 @@ SPLIT_FILES = {
     "domain_train": "domain_train.jsonl",
     "domain_heldout": "domain_heldout.jsonl",
 }
-DATABASES_DIR = "databases"
 TOKENIZER_FILE = "tokenizer.model"
 
 

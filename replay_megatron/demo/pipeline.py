@@ -30,7 +30,7 @@ from typing import Sequence
 
 from replay_megatron.demo.generate import TOKENIZER_FILE, DemoDataConfig
 from replay_megatron.demo.runner import Step
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron import run_dir as layout_of_run
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 PRETRAIN = "pretrain"

@@ -4,7 +4,7 @@ The export `<run_dir>/hf` is loaded with transformers' AutoModelForCausalLM; eac
 encoded with the run's tokenizer exactly as in training (`encode_prompt`), generation is greedy and stops
 at EOS or `max_new_tokens`, examples are batched with left padding. The decoded answers are run against
 the example's SQLite database, `databases/<db_id>.sqlite` beside the JSONL (the demo data layout), by
-`demo.execution.execution_matches`.
+`evaluation.sql_execution.execution_matches`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from replay_megatron.demo.generate import DATABASES_DIR
+from replay_megatron.evaluation.sql_execution import DATABASES_DIR, execution_matches
 
 
 
@@ -78,7 +78,6 @@ def domain_accuracy(hf_dir: str | os.PathLike, tokenizer_path: str | os.PathLike
     from transformers import AutoModelForCausalLM
 
     from replay_megatron.data.tokenizer import load_tokenizer
-    from replay_megatron.demo.execution import execution_matches
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():

@@ -5,7 +5,8 @@ generation. Training and Stage 0 never gather the vocabulary; they use their own
 """
 from __future__ import annotations
 
-from typing import Callable
+from itertools import groupby
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -45,6 +46,20 @@ def pipeline_forward(model: torch.nn.Module, micro_batches: list[torch.Tensor],
             forward_step_func=forward_step, data_iterator=data, model=[model],
             num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b,
             forward_only=True, collect_non_loss_data=True)
+
+
+Item = TypeVar("Item")
+MICRO_BATCHES_PER_STAGE = 4  # micro-batches in flight per pipeline stage in one forward-only schedule call
+
+
+def schedule_chunks(items: Sequence[Item], size: Callable[[Item], int], pp: int) -> Iterator[list[Item]]:
+    """`items` (one per micro-batch) in runs for one `pipeline_forward` call each: consecutive items of equal
+    micro-batch `size` (a schedule call needs equal sizes), at most MICRO_BATCHES_PER_STAGE * pp per run."""
+    per_call = MICRO_BATCHES_PER_STAGE * pp
+    for _, same_size in groupby(items, key=size):
+        same_size = list(same_size)
+        for start in range(0, len(same_size), per_call):
+            yield same_size[start:start + per_call]
 
 
 def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

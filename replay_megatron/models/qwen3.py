@@ -100,10 +100,12 @@ def build_model(hf: Mapping[str, Any], config, *, pre_process: bool, post_proces
     decides), megatron-core's local spec otherwise (CPU, NPU)."""
     from megatron.core.models.gpt import GPTModel
 
+    from replay_megatron.models.output_layer import enable_output_heads
+
     if use_te is None:
         use_te = transformer_engine_usable()
     spec = mcore_compat.te_layer_spec() if use_te else mcore_compat.local_layer_spec()
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(hf["vocab_size"], config.tensor_model_parallel_size, vocab_divisible_by),
         max_sequence_length=int(hf.get("max_position_embeddings", 4096)),
@@ -111,6 +113,8 @@ def build_model(hf: Mapping[str, Any], config, *, pre_process: bool, post_proces
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         position_embedding_type="rope", rotary_base=rope_theta(hf), parallel_output=True,
     )
+    enable_output_heads(model)  # Stage 1's restricted CE runs as the output layer's head
+    return model
 
 
 def build_stage(hf: Mapping[str, Any], layout, *, params_dtype: str = "fp32", vocab_divisible_by: int = 1,

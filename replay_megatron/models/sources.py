@@ -33,3 +33,17 @@ def load_configured_weights(cfg, model: torch.nn.Module, hf: Mapping[str, Any], 
     path = cfg.input_path(source)
     load_weights(model, path, hf, layout)
     return str(path)
+
+
+def build_loaded_stage(cfg, hf: Mapping[str, Any], layout, weights: str | Path | None = None) -> torch.nn.Module:
+    """This rank's stage for forward-only work (Stage 0, eval), in eval mode: weights from the directory
+    `weights` when given, else from the config's source (or its seeded random initialisation)."""
+    from replay_megatron.models.qwen3 import build_stage
+
+    model = build_stage(hf, layout, params_dtype=cfg.model.params_dtype,
+                        vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    if weights is None:
+        load_configured_weights(cfg, model, hf, layout)
+    else:
+        load_weights(model, weights, hf, layout)
+    return model.eval()

@@ -34,24 +34,18 @@ building g' is skipped on steps that do not clip.
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
 from replay_megatron.optim.clip import AngleClip, check_clip_args, clip_coefficients, never_clips
+from replay_megatron.optim.elementwise import (CPU_BLOCK_NUMEL, bias_corrections, decoupled_update_, each,
+                                               fused_kernels, local_sums, run_closure)
 
 StatsReducer = Callable[[Tensor], Tensor]
-
-# CPU work unit of the per-tensor path and of the statistics: 1 MiB of fp32 per tensor, so one block's
-# g, m, v, theta and the temporary stay in L2/L3 through the whole update (each op re-reads the block).
-CPU_BLOCK_NUMEL = 1 << 18
-
 
 @dataclass
 class MoClipStats:
@@ -108,85 +102,6 @@ class _Bucket:
                 pieces = [[x[i:i + block_numel] for x in flat] for i in range(0, numel, block_numel)]
             parts += [_Bucket(self.group, "per-tensor", *([x] for x in piece + [t, counted])) for piece in pieces]
         return parts
-
-
-def _each(foreach: bool, op: str, *args: Any, **kwargs: Any) -> Any:
-    """`torch._foreach_<op>` over tensor lists, or the same op tensor by tensor (identical numbers).
-
-    List arguments are zipped; anything else (a number, a 0-dim tensor) is passed to every call.
-    """
-    if foreach:
-        return getattr(torch, f"_foreach_{op}")(*args, **kwargs)
-    n = len(args[0])
-    columns = [a if isinstance(a, list) else [a] * n for a in args]
-    method = getattr(Tensor, op)
-    return [method(*row, **kwargs) for row in zip(*columns)]
-
-
-def run_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
-    """torch's optimizer closure protocol: re-evaluate the loss with gradients enabled, or None."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def decoupled_update_(params: list[Tensor], updates: list[Tensor], step_size: float, decay: float,
-                      foreach: bool = False) -> None:
-    """`theta = theta*(1 - decay) - step_size*update` (SPEC section 3 steps 5-6), computed in fp32.
-
-    Low-precision parameters are updated in an fp32 copy and rounded once to their dtype.
-    """
-    work = params if params[0].dtype == torch.float32 else [p.float() for p in params]
-    if decay != 0.0:
-        _each(foreach, "mul_", work, 1.0 - decay)
-    _each(foreach, "add_", work, updates, alpha=-step_size)
-    if work is not params:
-        _each(foreach, "copy_", params, work)
-
-
-@functools.lru_cache(maxsize=None)
-def fused_kernels() -> Optional[ModuleType]:
-    """`replay_megatron_kernels.moclip` (the Triton kernels), or None where triton does not import."""
-    try:
-        from replay_megatron_kernels import moclip as kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def bias_corrections(betas: tuple[float, float], t: float) -> tuple[float, float]:
-    """Adam's (1 - b1^t, sqrt(1 - b2^t))."""
-    return 1.0 - betas[0] ** t, math.sqrt(1.0 - betas[1] ** t)
-
-
-def flat_blocks(tensor: Tensor, block_numel: int) -> list[Tensor]:
-    """`tensor` flattened (a copy if not contiguous) in slices of at most `block_numel` elements."""
-    flat = tensor.reshape(-1)
-    return [flat[i:i + block_numel] for i in range(0, flat.numel(), block_numel)] or [flat]
-
-
-def local_sums(ms: list[Tensor], gs: list[Tensor], first: bool) -> Tensor:
-    """[<m, g>, |m|^2, |g|^2] of matching tensor lists in float64 (m ignored when `first`: m_0 = 0).
-
-    Accelerators: whole-tensor fp32 reductions (tree reductions), multi-tensor for both update paths so
-    that they see the same sums. CPU: fp32 dots over blocks of `CPU_BLOCK_NUMEL`, summed
-    in float64 (CPU's long fp32 reductions drift), reading each block of g and m once for all three.
-    """
-    if gs[0].device.type != "cpu":
-        gg = torch.stack(torch._foreach_norm(gs)).double().square().sum()
-        if first:
-            return torch.stack([torch.zeros_like(gg), torch.zeros_like(gg), gg])
-        d = torch.stack([torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(ms, gs)]).double().sum()
-        mm = torch.stack(torch._foreach_norm(ms)).double().square().sum()
-        return torch.stack([d, mm, gg])
-    parts = []
-    for m, g in zip(ms, gs):
-        for mb, gb in zip(flat_blocks(m, CPU_BLOCK_NUMEL), flat_blocks(g, CPU_BLOCK_NUMEL)):
-            gg = torch.dot(gb, gb)
-            parts.append(torch.stack([torch.zeros_like(gg), torch.zeros_like(gg), gg]) if first else
-                         torch.stack([torch.dot(mb, gb), torch.dot(mb, mb), gg]))
-    return torch.stack(parts).double().sum(0)
 
 
 class MoClip(torch.optim.Optimizer):
@@ -348,7 +263,7 @@ class MoClip(torch.optim.Optimizer):
             gs = [g for g, c in zip(b.grads, b.counted) if c]
             if gs:
                 sums += (fused_kernels().global_sums(ms, gs, first) if b.path == "fused" else
-                         local_sums(ms, gs, first)).to(device)
+                         local_sums(ms, gs, first, CPU_BLOCK_NUMEL)).to(device)
         return sums
 
     def _update(self, b: _Bucket, clip: Optional[tuple[Tensor, Tensor]],
@@ -365,26 +280,26 @@ class MoClip(torch.optim.Optimizer):
             # One temporary, as AdamW's one (fresh memory is the dearest part of a CPU step): g' is built
             # in it with a broadcasting addcmul (0-dim beta, per tensor) and it then holds sqrt(v).
             alpha, beta = clip
-            clipped_grads = _each(fe, "mul", grads, alpha) if temps is None else \
+            clipped_grads = each(fe, "mul", grads, alpha) if temps is None else \
                 [torch.mul(g, alpha, out=u) for g, u in zip(grads, temps)]
             for g_clipped, m in zip(clipped_grads, exp_avgs):
                 g_clipped.addcmul_(m, beta)
             temps = clipped_grads
-        _each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
-        _each(fe, "mul_", exp_avg_sqs, b2)
-        _each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
+        each(fe, "lerp_", exp_avgs, clipped_grads, 1.0 - b1)
+        each(fe, "mul_", exp_avg_sqs, b2)
+        each(fe, "addcmul_", exp_avg_sqs, clipped_grads, clipped_grads, value=1.0 - b2)
         bc1, bc2_sqrt = (list(c) for c in zip(*(bias_corrections(group["betas"], t) for t in b.steps)))
-        denom = _each(fe, "sqrt", exp_avg_sqs) if temps is None else \
+        denom = each(fe, "sqrt", exp_avg_sqs) if temps is None else \
             [torch.sqrt(v, out=u) for v, u in zip(exp_avg_sqs, temps)]
         if eps is None:
             # atan2(m/bc1, b*sqrt(v/bc2)) == atan2(m, c*sqrt(v)) with c = b*bc1/sqrt(bc2) > 0.
-            _each(fe, "mul_", denom, [bb * c1 / c2 for c1, c2 in zip(bc1, bc2_sqrt)])
+            each(fe, "mul_", denom, [bb * c1 / c2 for c1, c2 in zip(bc1, bc2_sqrt)])
             ratio = torch.atan2
         else:
             # (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) == m / (bc1 * (sqrt(v)/sqrt(bc2) + eps))
-            _each(fe, "div_", denom, bc2_sqrt)
-            _each(fe, "add_", denom, eps)
-            _each(fe, "mul_", denom, bc1)
+            each(fe, "div_", denom, bc2_sqrt)
+            each(fe, "add_", denom, eps)
+            each(fe, "mul_", denom, bc1)
             ratio = torch.div
         for m, u in zip(exp_avgs, denom):  # no multi-tensor atan2 in torch: per tensor, in place
             ratio(m, u, out=u)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from replay_megatron.optim.moclip import decoupled_update_, run_closure
+from replay_megatron.optim.elementwise import decoupled_update_, run_closure
 from replay_megatron.optim.stats import TensorGather
 
 

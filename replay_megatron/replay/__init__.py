@@ -13,9 +13,8 @@
 from replay_megatron.replay.fingerprint import fingerprint_files, fingerprint_json, fingerprint_state_dict
 from replay_megatron.replay.positions import DEFAULT_AMOUNT, DEFAULT_BUCKETS, STRATEGIES, select_positions
 from replay_megatron.replay.selection import TopKSelection, dynamic_topk, gold_probability
-from replay_megatron.replay.store import (
-    FORMAT_VERSION, ReplaySample, ReplayStore, ReplayStoreError, ReplayStoreWriter, finalize_store,
-)
+from replay_megatron.replay.store import FORMAT_VERSION, ReplaySample, ReplayStore, ReplayStoreError
+from replay_megatron.replay.store_writer import ReplayStoreWriter, finalize_store
 
 __all__ = ["DEFAULT_AMOUNT", "DEFAULT_BUCKETS", "FORMAT_VERSION", "STRATEGIES", "ReplaySample", "ReplayStore",
            "ReplayStoreError", "ReplayStoreWriter", "TopKSelection", "dynamic_topk", "finalize_store",

@@ -67,3 +67,14 @@ def fingerprint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode("utf-8"))
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_fingerprint(cfg) -> str:
+    """The manifest's `model` fingerprint of the configured base model (see the module doc)."""
+    from replay_megatron.config import model_hf_config
+
+    if cfg.model.mcore_checkpoint is not None:
+        return fingerprint_files([cfg.input_path(cfg.model.mcore_checkpoint)])
+    if cfg.model.hf_path is not None:
+        return fingerprint_files([cfg.input_path(cfg.model.hf_path)])
+    return fingerprint_json({"preset_config": model_hf_config(cfg), "seed": cfg.run.seed})

@@ -1,5 +1,5 @@
 """One run directory read into the numbers a report shows (SPEC.md section 5), from the files `train`,
-`eval` and `collect` leave (training.run_dir): metrics.jsonl is required; resolved.yaml, summary.json,
+`eval` and `collect` leave (`run_dir`): metrics.jsonl is required; resolved.yaml, summary.json,
 eval.json and the replay store are optional, and what they would give is None when they are absent.
 
 Stability metrics come from summary.json when `train` wrote it, else from metrics.jsonl with the run's
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replay_megatron.reporting.stability import configured_stability, stability_metrics
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron.evaluation.stability import configured_stability, stability_metrics
+from replay_megatron import run_dir as layout_of_run
 
 
 @dataclass
@@ -99,7 +99,7 @@ def method_name(data: RunData) -> str | None:
 def store_figures(store_dir: Path) -> dict[str, Any]:
     """Stage 0 figures of a replay store: bytes per position, fraction of fp16 logits, K_t stats, wall time
     (of the collect invocation that finished the store) when collect recorded it."""
-    from replay_megatron.replay.collect import TIMING_RECORD
+    from replay_megatron.replay.records import TIMING_RECORD
     from replay_megatron.replay.store import ReplayStore
 
     s = ReplayStore.open(store_dir, verify=False).summary()

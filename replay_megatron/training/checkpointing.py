@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from replay_megatron.atomic_io import atomic_write_json, atomic_write_text
 from replay_megatron.mcore_compat import optimizer_sharded_state_dict
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron import run_dir as layout_of_run
 
 
 @dataclass
@@ -34,6 +34,13 @@ class TrainState:
     scheduler: dict[str, Any] = field(default_factory=dict)  # OptimizerParamScheduler.state_dict()
     parallel: dict[str, Any] = field(default_factory=dict)  # tp, pp, dp, distributed_optimizer
     config_fingerprint: str = ""
+
+    def count_step(self, skipped: bool, global_batch_size: int) -> None:
+        """Account for one optimizer step (a skipped non-finite step still consumed its data)."""
+        self.step += 1
+        self.consumed_samples += global_batch_size
+        self.skipped_steps += int(skipped)
+        self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
 
 
 def _sharded_optimizer_state(model, optimizer, is_loading: bool) -> dict:
@@ -111,3 +118,42 @@ def load_checkpoint(checkpoint: Path, model, optimizer, hf: Mapping[str, Any],
     else:
         optimizer.reload_model_params()  # fp32 main params from the loaded weights
     return state, same_layout or reshardable
+
+
+class Checkpointer:
+    """The checkpoints of one run: where a run starts (a resume or fresh), and when and what it saves.
+
+    Owns the save cadence (`should_save`: every `save_interval` steps before the last; the loop saves the
+    last step itself). The scheduler's state travels in TrainState; MoClip's clip counts with the optimizer's.
+    """
+
+    def __init__(self, run_dir: Path, hf: Mapping[str, Any], *, save_interval: int, total_steps: int,
+                 parallel: Mapping[str, Any], config_fingerprint: str, rank: int) -> None:
+        self.run_dir, self.hf, self.save_interval, self.total_steps = Path(run_dir), hf, save_interval, total_steps
+        self.parallel, self.config_fingerprint, self.rank = dict(parallel), config_fingerprint, rank
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.save_interval) and step % self.save_interval == 0 and step < self.total_steps
+
+    def save(self, state: TrainState, model, optimizer, scheduler) -> Path:
+        state.scheduler = scheduler.state_dict()
+        return save_checkpoint(self.run_dir, state, model, optimizer, self.hf)
+
+    def start(self, model, optimizer, scheduler, *, random_init: bool) -> TrainState:
+        """The state to continue from: the latest checkpoint when there is one (weights, optimizer state when
+        it reshards to this layout, scheduler, data position), else step 0; a fresh run from random weights
+        first saves them (`eval`'s base)."""
+        latest = layout_of_run.latest_checkpoint(self.run_dir)
+        if latest is None:
+            if random_init:
+                save_initial_weights(self.run_dir, model, self.hf)
+            return TrainState(parallel=dict(self.parallel), config_fingerprint=self.config_fingerprint)
+        state, optimizer_loaded = load_checkpoint(latest, model, optimizer, self.hf, self.parallel)
+        scheduler.load_state_dict(state.scheduler)
+        if self.rank == 0:
+            fresh = "" if optimizer_loaded else (f"; saved at layout {state.parallel}, now {self.parallel}: weights "
+                                                 "and data position loaded, optimizer state starts fresh")
+            print(f"[train] resuming {self.run_dir} from {latest.name} (step {state.step}, "
+                  f"{state.consumed_samples} samples){fresh}", flush=True)
+        state.parallel = dict(self.parallel)
+        return state

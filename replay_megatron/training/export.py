@@ -13,7 +13,7 @@ def export_run_to_hf(run_dir: str | Path, device: str = "cpu") -> Path:
     """
     from replay_megatron.models.checkpoint import megatron_to_hf
     from replay_megatron.platform.spawn import run_local
-    from replay_megatron.training import run_dir as layout_of_run
+    from replay_megatron import run_dir as layout_of_run
 
     run_dir = Path(run_dir)
     target = run_dir / layout_of_run.HF_EXPORT

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from replay_megatron.atomic_io import atomic_write_text
-from replay_megatron.training import run_dir as layout_of_run
+from replay_megatron import run_dir as layout_of_run
 
 
 def _json_value(value: Any) -> Any:
@@ -20,17 +20,27 @@ def _json_value(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON line per logged step; mirrors scalars to TensorBoard if asked and available."""
+    """Appends one JSON line per logged step; mirrors scalars to TensorBoard if asked and available.
+
+    Owns the log cadence (`should_log`: every `log_interval` steps and the run's last). Only the writing
+    rank (`active`, rank 0) touches files; elsewhere every call is a no-op, so the loop reads the same on
+    every rank.
+    """
 
     def __init__(self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True,
-                 resume_step: int = 0) -> None:
+                 resume_step: int = 0, log_interval: int = 1, total_steps: int | None = None,
+                 active: bool = True) -> None:
         self.path = Path(run_dir) / layout_of_run.METRICS
         self.eval_path = Path(run_dir) / layout_of_run.EVAL_METRICS
-        self.jsonl = jsonl
-        if jsonl:
+        self.jsonl = jsonl and active
+        self.log_interval, self.total_steps = log_interval, total_steps
+        if self.jsonl:
             for path in (self.path, self.eval_path):
                 truncate_after(path, resume_step)
-        self._tb = _summary_writer(Path(run_dir) / layout_of_run.TENSORBOARD) if tensorboard else None
+        self._tb = _summary_writer(Path(run_dir) / layout_of_run.TENSORBOARD) if tensorboard and active else None
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_interval == 0 or step == self.total_steps
 
     def log(self, record: Mapping[str, Any], *, eval_record: bool = False) -> None:
         """Write one record (a dict with "step"); non-finite floats become null in the JSON."""

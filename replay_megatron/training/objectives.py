@@ -12,7 +12,8 @@ from typing import Any, Protocol
 import torch
 
 from replay_megatron.data.dataset import GPTBatch
-from replay_megatron.training.replay_head import ReplayTargets, set_replay_targets
+from replay_megatron.models.output_layer import output_layer_of
+from replay_megatron.training.replay_head import ReplayTargets, RestrictedCEHead
 
 
 class Objective(Protocol):
@@ -54,10 +55,23 @@ class RestrictedCE:
         self.kl_weight = kl_weight
 
     def forward(self, chunk, micro_batch: ReplayMicroBatch, attention_mask):
-        with set_replay_targets(chunk, micro_batch.targets, kl_weight=self.kl_weight):
-            return chunk(micro_batch.batch.tokens, micro_batch.batch.position_ids, attention_mask)
+        tokens, position_ids = micro_batch.batch.tokens, micro_batch.batch.position_ids
+        layer, overlap_grad_reduce = output_layer_of(chunk)
+        if layer is None:  # not the last pipeline stage: hidden states go on to the next stage
+            return chunk(tokens, position_ids, attention_mask)
+        if layer.sequence_parallel:
+            raise NotImplementedError("the replay loss does not support sequence parallelism yet")
+        # the output layer hands the final hidden states and its weight shard to the restricted CE
+        head = RestrictedCEHead(micro_batch.targets, self.kl_weight, fuse_main_grad=not overlap_grad_reduce)
+        with layer.computing(head):
+            return chunk(tokens, position_ids, attention_mask)
 
     def loss(self, output, micro_batch: ReplayMicroBatch):
         # `output` is [b, s, 1]: the per-position loss at stored positions, 0 elsewhere.
         count = output.new_full((), float(micro_batch.targets.num_positions), dtype=torch.float32)  # no H2D copy
         return _per_token(output.float().sum(), count, "replay loss")
+
+
+def objective_for(cfg) -> Objective:
+    """The run's objective: `train.loss` replay (restricted CE, + KL with train.kl_weight) or full."""
+    return RestrictedCE(kl_weight=cfg.train.kl_weight) if cfg.train.loss == "replay" else FullVocabCE()

@@ -1,17 +1,17 @@
-"""Stage 1's output layer: restricted cross entropy on the stored candidates instead of full logits.
+"""Stage 1's output head: restricted cross entropy on the stored candidates instead of full logits.
 
-The GPTModel's own output layer call is kept (so tied/untied weights, the pipeline's tied copy on the last
-stage and DDP all stay Megatron's); while replay targets are set, the layer computes the per-position
-restricted CE of SPEC.md section 2 at the stored positions and returns it as a dense [s, b, 1] tensor
-(0 elsewhere) in place of [s, b, V/TP] logits. No vocabulary-sized tensor is formed: the weight gradient
-goes straight into DDP's main_grad buffer (replay_megatron.ops), densely only under overlap_grad_reduce.
-Optionally (SPEC.md section 2, default off) the loss is CE + kl_weight * KL against stored teacher logits.
+`replay_targets` joins a micro-batch's samples with their Stage 0 records (on the host, checked against
+the batch's labels); `RestrictedCEHead` is what the GPTModel's output layer computes from the final hidden
+states and its weight shard while the replay objective runs (`models.output_layer`): the per-position
+restricted CE of SPEC.md section 2 at the stored positions, as a dense [s, b, 1] tensor (0 elsewhere) in
+place of [s, b, V/TP] logits. No vocabulary-sized tensor is formed: the weight gradient goes straight into
+DDP's main_grad buffer (replay_megatron.ops), densely only under overlap_grad_reduce. Optionally (SPEC.md
+section 2, default off) the loss is CE + kl_weight * KL against stored teacher logits.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -90,59 +90,37 @@ def _pad_columns(parts: list[torch.Tensor], width: int, value, dtype: torch.dtyp
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
 
 
-def _output_layer(chunk: torch.nn.Module):
-    """(the GPTModel's output layer or None off the last stage, whether a DDP wrapper overlaps grad reduce)."""
-    module, overlap = chunk, False
-    while not hasattr(module, "output_layer") and hasattr(module, "module"):
-        overlap = overlap or bool(getattr(getattr(module, "ddp_config", None), "overlap_grad_reduce", False))
-        module = module.module  # DDP / Float16Module wrappers
-    return getattr(module, "output_layer", None), overlap
+class RestrictedCEHead:
+    """The output layer's head for Stage 1 (`models.output_layer`): per-position restricted CE of SPEC.md
+    section 2 at the stored positions (plus kl_weight * KL against the teacher's candidate logits when
+    kl_weight > 0), returned as a dense [s, b, 1] fp32 tensor, 0 elsewhere.
 
+    `targets` on the model's device. The weight gradient goes straight into DDP's main_grad buffer
+    (`fuse_main_grad`), densely only when DDP overlaps its grad reduce.
+    """
 
-def _restricted_forward(layer, targets: ReplayTargets, kl_weight: float, fuse_main_grad: bool) -> Callable:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+    def __init__(self, targets: ReplayTargets, kl_weight: float = 0.0, *, fuse_main_grad: bool = True) -> None:
+        if kl_weight > 0 and targets.teacher_logits is None:
+            raise ValueError("kl_weight > 0 needs the teacher's candidate logits: build the targets with "
+                             "replay_targets(..., with_teacher=True) from a store collected with "
+                             "collect.store_logits")
+        self.targets, self.kl_weight, self.fuse_main_grad = targets, kl_weight, fuse_main_grad
 
-    def forward(hidden: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
-        if getattr(layer, "sequence_parallel", False):
-            raise NotImplementedError("the replay loss does not support sequence parallelism yet")
-        weight = layer.weight if weight is None else weight
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
         tp = parallel_state.get_tensor_model_parallel_world_size()
         # identity forward, all-reduce of dh over TP backward: what ColumnParallelLinear does to its input
         hidden = copy_to_tensor_model_parallel_region(hidden) if tp > 1 else hidden
-        t = targets
-        h = hidden[t.positions, t.rows]  # [N, H]
-        args = (h, weight, t.candidates, t.targets)
+        t = self.targets
+        args = (hidden[t.positions, t.rows], weight, t.candidates, t.targets)  # h: [N, H]
         options = dict(vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
                        tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
-                       fuse_main_grad=fuse_main_grad, validate=False)  # replay_targets validated them
-        if kl_weight > 0:
-            loss = restricted_ce_with_kl(*args, t.teacher_logits, kl_weight, **options)
+                       fuse_main_grad=self.fuse_main_grad, validate=False)  # replay_targets validated them
+        if self.kl_weight > 0:
+            loss = restricted_ce_with_kl(*args, t.teacher_logits, self.kl_weight, **options)
         else:
             loss = restricted_cross_entropy(*args, **options)
         dense = hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32)
-        dense = dense.index_put((t.positions, t.rows, torch.zeros_like(t.rows)), loss)
-        return dense, None
-
-    return forward
-
-
-@contextlib.contextmanager
-def set_replay_targets(chunk: torch.nn.Module, targets: ReplayTargets | None, *,
-                       kl_weight: float = 0.0) -> Iterator[None]:
-    """Within the block, the chunk's output layer (last stage only) computes the restricted CE (plus
-    kl_weight * KL when kl_weight > 0, which needs `targets.teacher_logits`); `targets` on the model's device,
-    None on the other pipeline stages (they hold no output layer)."""
-    if kl_weight > 0 and targets is not None and targets.teacher_logits is None:
-        raise ValueError("kl_weight > 0 needs the teacher's candidate logits: build the targets with "
-                         "replay_targets(..., with_teacher=True) from a store collected with collect.store_logits")
-    layer, overlap_grad_reduce = _output_layer(chunk)
-    if layer is None:  # not the last pipeline stage
-        yield
-        return
-    # DDP's overlap_grad_reduce hook needs a param.grad to mark the bucket ready: dense gradient there
-    layer.forward = _restricted_forward(layer, targets, kl_weight, fuse_main_grad=not overlap_grad_reduce)
-    try:
-        yield
-    finally:
-        del layer.forward  # back to the class's forward
+        return dense.index_put((t.positions, t.rows, torch.zeros_like(t.rows)), loss)
