@@ -32,8 +32,10 @@ setup(
         "tensorboard": ["tensorboard>=2.12"],
         # lm-evaluation-harness with its Hugging Face model backend (eval.lm_eval)
         "eval": ["lm-eval[hf]>=0.4.9"],
+        # Parquet inputs to `preprocess` (pyarrow alone: `datasets` would add pandas, fsspec, the hub client)
+        "parquet": ["pyarrow>=14"],
         "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12",
-                 "lm-eval[hf]>=0.4.9"],
+                 "lm-eval[hf]>=0.4.9", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["replay-megatron=replay_megatron.cli.main:main"]},
 )

@@ -47,8 +47,9 @@ _CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
 
 # Keys every metrics.jsonl line has. MoClip runs add cos_phi, clipped, clip_rate, grad_norm_clipped
 # (|g'|); replay runs add k_mean, k_median, k_max (|S_t| over the step's stored positions).
-METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens", "tokens_per_s", "step_time_s",
-               "peak_memory_bytes", "consumed_samples")
+# tokens_per_s counts real (non-pad) positions; padding_fraction is the rest of the batch's positions.
+METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens", "tokens_per_s", "padding_fraction",
+               "step_time_s", "peak_memory_bytes", "consumed_samples")
 
 
 def checkpoint_name(step: int) -> str:

@@ -8,7 +8,8 @@ import torch
 from replay_megatron.data.dataset import (
     batch_of, epoch_order, make_batch, num_microbatches, sequential_micro_batches, train_micro_batches,
 )
-from replay_megatron.data.preprocess import preprocess
+from replay_megatron.data.formats import exchange
+from replay_megatron.data.preprocess import fit_to_length, preprocess
 from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -35,18 +36,17 @@ def test_labels_are_next_tokens_and_mask_marks_response_labels(store):
     assert batch.sample_ids.tolist() == list(range(len(ds)))
     assert torch.equal(batch.position_ids, torch.arange(seq).expand(len(ds), seq))
     for row, (prompt, response) in enumerate(PAIRS):
-        ids, _ = tok.encode_instruction(prompt, response)
-        ids = ids[:seq + 1]
+        ids, _, _ = fit_to_length(*tok.encode_chat(exchange(prompt, response)), seq, "tail")
         n = len(ids) - 1
         for t in range(seq):  # brute force over every position
             assert batch.tokens[row, t] == (ids[t] if t < n else tok.pad_id)
             assert batch.labels[row, t] == (ids[t + 1] if t < n else tok.pad_id)
-        # The loss-bearing labels are exactly the response tokens and EOS (when not truncated away).
+        # The loss-bearing labels are exactly the response tokens and EOS (the tail of them when truncated).
         full = tok.encode(response) + [tok.eos_id]
         targets = batch.labels[row][batch.loss_mask[row] == 1].tolist()
-        assert targets == full[:len(targets)] and (len(targets) == len(full) or len(ids) == seq + 1)
+        assert targets == full[-len(targets):] and (len(targets) == len(full) or len(ids) == seq + 1)
         assert batch.loss_mask[row, n:].sum() == 0  # padding carries no loss
-    assert batch.loss_mask[3].sum() > 0 and len(tok.encode_instruction(*PAIRS[3])[0]) > seq + 1  # truncated row
+    assert batch.loss_mask[3].sum() > 0 and len(tok.encode_chat(exchange(*PAIRS[3]))[0]) > seq + 1  # truncated row
 
 
 def test_longer_sample_than_the_batch_allows_is_refused(store):

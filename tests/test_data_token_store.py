@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from replay_megatron.cli.main import main
-from replay_megatron.data.preprocess import DataError, preprocess
+from replay_megatron.data.formats import exchange
+from replay_megatron.data.preprocess import DataError, fit_to_length, preprocess
 from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from replay_megatron.demo.generate import SPLIT_FILES, DemoDataConfig, generate_demo_data, train_demo_tokenizer
@@ -28,7 +29,7 @@ def _expected(tok, rows, seq_length):
     """Reference: each row encoded by the tokenizer directly, cut to seq_length + 1."""
     out = []
     for r in rows:
-        ids, mask = tok.encode_instruction(r["prompt"], r["response"])
+        ids, mask = tok.encode_chat(exchange(r["prompt"], r["response"]))
         out.append((ids[:seq_length + 1], mask[:seq_length + 1]))
     return out
 
@@ -58,19 +59,46 @@ def test_store_round_trips_the_tokenizer_output(demo, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary directory left behind
 
 
-def test_truncation_keeps_seq_length_plus_one_tokens_and_counts(demo, tmp_path):
+def _fitted(ids, mask, n, truncation):
+    """Reference: the window of n tokens ending at the last loss-bearing token, or nothing."""
+    if len(ids) > n:
+        if truncation == "drop":
+            return None
+        end = max(j for j, m in enumerate(mask) if m) + 1 if any(mask) else n
+        ids, mask = ids[max(0, end - n):end], [0, *mask[max(0, end - n) + 1:end]]
+    return (ids, mask) if any(mask) else None
+
+
+@pytest.mark.parametrize("truncation", ["tail", "drop"])
+def test_long_samples_keep_their_loss_bearing_tail_or_are_dropped_and_counted(demo, tmp_path, truncation):
     d, tok_path = demo
     src = d / SPLIT_FILES["general_train"]
-    meta = preprocess(src, tok_path, tmp_path / "s", seq_length=20, progress=False)
-    expected = _expected(SentencePieceTokenizer(tok_path), _rows(src), 10**9)
-    n_long = sum(len(ids) > 21 for ids, _ in expected)
-    assert 0 < n_long < len(expected)
-    assert meta["truncated"] == meta["sources"][0]["truncated"] == n_long
-    assert meta["samples_without_loss"] == sum(not any(m[:21]) for _, m in expected) > 0
+    meta = preprocess(src, tok_path, tmp_path / "s", seq_length=20, truncation=truncation, progress=False)
+    rows = _rows(src)
+    encoded = _expected(SentencePieceTokenizer(tok_path), rows, 10**9)
+    expected = [(r["id"], _fitted(ids, mask, 21, truncation)) for r, (ids, mask) in zip(rows, encoded)]
+    n_long = sum(len(ids) > 21 for ids, _ in encoded)
+    assert 0 < n_long < len(encoded)
+    key = "truncated" if truncation == "tail" else "dropped_too_long"
+    assert meta[key] == meta["sources"][0][key] == n_long
+    kept = [(sid, e) for sid, e in expected if e is not None]
+    assert meta["dropped_without_loss"] == len(expected) - len(kept) - (n_long if truncation == "drop" else 0) == 0
     ds = TokenDataset(tmp_path / "s")
-    assert ds.lengths.max() == 21
-    for i, (ids, mask) in enumerate(expected):
-        assert ds[i]["tokens"].tolist() == ids[:21] and ds[i]["loss_mask"].tolist() == mask[:21]
+    assert ds.string_ids == [sid for sid, _ in kept] and ds.lengths.max() == 21
+    for i, (_, (ids, mask)) in enumerate(kept):
+        assert ds[i]["tokens"].tolist() == ids and ds[i]["loss_mask"].tolist() == mask
+    lengths = [min(len(ids) - 1, 20) for _, (ids, _) in kept]
+    assert meta["padding_fraction"] == pytest.approx(1 - sum(lengths) / (20 * len(kept)))
+
+
+def test_fit_to_length_cases():
+    ids, mask = list(range(10)), [0, 0, 0, 0, 1, 1, 0, 0, 1, 0]
+    assert fit_to_length(ids, mask, 9, "tail") == (ids, mask, None)
+    assert fit_to_length(ids, mask, 5, "tail") == ([3, 4, 5, 6, 7, 8], [0, 1, 1, 0, 0, 1], "truncated")
+    assert fit_to_length(ids, mask, 1, "tail") == ([7, 8], [0, 1], "truncated")
+    assert fit_to_length(ids, mask, 5, "drop") == ([], [], "dropped_too_long")
+    assert fit_to_length(ids, [0] * 10, 9, "tail") == ([], [], "dropped_without_loss")
+    assert fit_to_length(ids, [0] * 10, 3, "tail") == ([], [], "dropped_without_loss")
 
 
 def test_text_format_marks_every_token_with_a_previous_token(demo, tmp_path):
@@ -163,7 +191,7 @@ def test_cli_end_to_end(demo, tmp_path, capsys):
     ('{"prompt": "a", "response": 7}\n', "instruction", "bad.jsonl:1: field 'response' must be a string, got int"),
     ('{"prompt": "a", "response": "b", "id": [1]}\n', "instruction", "bad.jsonl:1: field 'id' must be"),
     ('{"id": "x", "prompt": "a", "response": "b"}\n{"id": "x", "prompt": "c", "response": "d"}\n', "instruction",
-     "bad.jsonl:2: duplicate sample id 'x' \\(already sample 0 of the store\\)"),
+     "bad.jsonl:2: duplicate sample id 'x' \\(already at .*bad.jsonl:1\\)"),
     ("\n\n", "instruction", "bad.jsonl: no samples"),
     ("  \n", "text", "bad.jsonl: no samples"),
 ])

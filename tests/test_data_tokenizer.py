@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replay_megatron.data.formats import exchange
 from replay_megatron.data.tokenizer import (
     ASSISTANT, USER, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece,
 )
@@ -70,7 +71,7 @@ def test_sentencepiece_special_ids_and_control_symbols(sp):
 @pytest.mark.parametrize("prompt,response", [("What is 3 + 4?", "7"), ("", "x"), ("q", ""),
                                              ("Schema: t(a) . Question: ?", "SELECT a FROM t")])
 def test_sentencepiece_instruction_mask_is_exactly_response_and_eos(sp, prompt, response):
-    ids, mask = sp.encode_instruction(prompt, response)
+    ids, mask = sp.encode_chat(exchange(prompt, response))
     assert len(ids) == len(mask)
     head = sp.encode_prompt(prompt)
     assert head == [sp.bos_id, sp.user_id, *sp.encode(prompt), sp.assistant_id]
@@ -106,7 +107,7 @@ def test_hf_encode_decode_and_ids(hf):
 
 def test_hf_instruction_mask_follows_the_chat_template(hf):
     prompt, response = "What is 12 + 30?", "The answer is 42."
-    ids, mask = hf.encode_instruction(prompt, response)
+    ids, mask = hf.encode_chat(exchange(prompt, response))
     head = hf.encode_prompt(prompt)
     assert ids[:len(head)] == head and not any(mask[:len(head)])
     assert hf.tok.decode(head) == "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
@@ -119,19 +120,19 @@ def test_hf_template_without_eos_gets_one_appended(tmp_path):
     template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
                 "{% if add_generation_prompt %}[assistant] {% endif %}")
     tok = HFTokenizer(build_hf_tokenizer(tmp_path, template))
-    ids, mask = tok.encode_instruction("hi", "ok")
+    ids, mask = tok.encode_chat(exchange("hi", "ok"))
     assert ids[-1] == tok.eos_id and mask[-1] == 1
 
 
 def test_hf_errors_name_the_directory(tmp_path):
     tok = HFTokenizer(build_hf_tokenizer(tmp_path / "plain", chat_template=None))
     with pytest.raises(ValueError, match=f"{tmp_path / 'plain'} has no chat_template.*--format text"):
-        tok.encode_instruction("a", "b")
+        tok.encode_chat(exchange("a", "b"))
     weird = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
     tok = HFTokenizer(build_hf_tokenizer(tmp_path / "weird", weird))
     with pytest.raises(ValueError, match="cannot be located"):
-        tok.encode_instruction("a", "b")
+        tok.encode_chat(exchange("a", "b"))
 
 
 def test_hf_fingerprint_covers_tokenizer_files_only(tmp_path, hf):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from replay_megatron.data.formats import exchange
 from replay_megatron.data.tokenizer import SentencePieceTokenizer
 from replay_megatron.evaluation.sql_execution import connect_readonly, run_sql
 from replay_megatron.demo.generate import (
@@ -117,7 +118,7 @@ def test_tokenizer_training_is_deterministic_and_fits_demo_samples_in_128_tokens
     tok = SentencePieceTokenizer(path)
     assert 300 < tok.vocab_size <= 512
     rows = [r for s in SPLIT_FILES for r in _load(demo, s)]
-    lengths = [len(tok.encode_instruction(r["prompt"], r["response"])[0]) for r in rows]
+    lengths = [len(tok.encode_chat(exchange(r["prompt"], r["response"]))[0]) for r in rows]
     assert max(lengths) <= 128
 
 

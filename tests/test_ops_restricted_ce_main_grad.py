@@ -142,6 +142,11 @@ def _main_grad_under_megatron_ddp(case, tokens, tied: bool) -> dict[str, float]:
     return errors
 
 
+def _segments(sample_ids, labels):
+    """One sample per row of `labels`, filling it (GPTBatch.segments)."""
+    return torch.tensor([[sid, row, 0, labels.shape[1]] for row, sid in enumerate(sample_ids)])
+
+
 def _replay_layer_kl(kl_weight: float) -> tuple[float, bool, bool]:
     """(relative error of the replay output layer's CE + w * KL against float64, zero off the stored
     positions, teacher padding -inf exactly at candidate padding)."""
@@ -149,7 +154,7 @@ def _replay_layer_kl(kl_weight: float) -> tuple[float, bool, bool]:
 
     s, b, v, h = 12, 3, 53, 24
     records, labels = _records(s, b, v, k=6)
-    t = replay_targets(torch.tensor(sorted(records)), labels, records.__getitem__, vocab_size=v, with_teacher=True)
+    t = replay_targets(_segments(sorted(records), labels), labels, records.__getitem__, vocab_size=v, with_teacher=True)
     g = torch.Generator().manual_seed(8)
     hidden = torch.randn(s, b, h, generator=g) / h ** 0.5
 
@@ -195,8 +200,8 @@ def test_kl_needs_teacher_logits():
     records, labels = _records(8, 2, 20, k=4)
     no_logits = {i: _Record(r.positions, r.targets, r.candidates) for i, r in records.items()}
     with pytest.raises(ValueError, match="sample 10 has no candidate_logits"):
-        replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__, vocab_size=20, with_teacher=True)
-    t = replay_targets(torch.tensor([10, 11]), labels, no_logits.__getitem__, vocab_size=20)
+        replay_targets(_segments([10, 11], labels), labels, no_logits.__getitem__, vocab_size=20, with_teacher=True)
+    t = replay_targets(_segments([10, 11], labels), labels, no_logits.__getitem__, vocab_size=20)
     assert t.teacher_logits is None
     with pytest.raises(ValueError, match="kl_weight > 0 needs the teacher"):
         RestrictedCEHead(t, kl_weight=0.5)
@@ -215,6 +220,6 @@ def test_replay_targets_refuse_broken_candidate_sets_on_the_host(corrupt, messag
 
     records, labels = _records(8, 2, 20, k=4)
     bad = {i: _Record(r.positions, r.targets, corrupt(r.candidates)) for i, r in records.items()}
-    assert replay_targets(torch.tensor([10, 11]), labels, records.__getitem__, vocab_size=20).num_positions > 0
+    assert replay_targets(_segments([10, 11], labels), labels, records.__getitem__, vocab_size=20).num_positions > 0
     with pytest.raises(ValueError, match=re.escape(message)):
-        replay_targets(torch.tensor([10, 11]), labels, bad.__getitem__, vocab_size=20)
+        replay_targets(_segments([10, 11], labels), labels, bad.__getitem__, vocab_size=20)

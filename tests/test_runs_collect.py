@@ -7,6 +7,7 @@ TP1xPP1 for the layouts (candidate sets equal except where a cumulative mass lie
 positions and gold equal; masses and logits to 1e-5/1e-4), and byte equality of manifest and shard files
 for the resume.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import yaml
 from qwen3_fixtures import tiny_hf_config, tiny_hf_model
 from train_fixtures import SEQ, write_token_store
 from replay_megatron.config import load_config
+from replay_megatron.data.packing import pack_lengths
+from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.platform.spawn import run_local
 from replay_megatron.platform.writer_lock import LOCK_NAME
 from replay_megatron.replay.records import TIMING_RECORD
@@ -34,11 +37,12 @@ def _token_store(out: Path, tokenizer_fp: str, seed: int = 0, n: int = 11) -> No
     write_token_store(out, n, seed, tokenizer_fp)
 
 
-def _config(root: Path, name: str, tp: int = 1, pp: int = 1, store: str | None = None, data: str = "tokens"):
+def _config(root: Path, name: str, tp: int = 1, pp: int = 1, store: str | None = None, data: str = "tokens",
+            packing: bool = False):
     body = {"run": {"name": name, "data_root": str(root), "seed": 7}, "platform": {"device": "cpu"},
             "model": {"hf_path": "hf", "params_dtype": "fp32", "make_vocab_size_divisible_by": 128},
             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-            "data": {"train": data, "seq_length": SEQ},
+            "data": {"train": data, "seq_length": SEQ, "packing": packing},
             "collect": {"tau": TAU, "k_max": K_MAX, "store_logits": "fp32", "micro_batch_size": 2,
                         "store_dir": store or f"stores/{name}",
                         "positions": {"strategy": "bucket", "amount": 0.5, "buckets": 2}},
@@ -84,6 +88,7 @@ def stores(tmp_path_factory):
                               "resolved.yaml"])
     run_local(collect_job, 4, str(_config(root, "tp2pp2", tp=2, pp=2)), [{}])
     run_local(collect_job, 2, str(_config(root, "dp2")), [{}])
+    run_local(collect_job, 1, str(_config(root, "packed", packing=True)), [{}])
     return root
 
 
@@ -99,7 +104,7 @@ def _near_tau(sample) -> torch.Tensor:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", ["tp2pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2pp2", "dp2", "packed"])
 def test_layouts_store_the_same_records(stores, layout):
     ref = ReplayStore.open(stores / "stores/ref")
     got = ReplayStore.open(stores / f"stores/{layout}")
@@ -123,6 +128,13 @@ def test_layouts_store_the_same_records(stores, layout):
         torch.testing.assert_close(a.candidate_logits[finite & ~near[:, None]],
                                    b.candidate_logits[finite & ~near[:, None]], atol=1e-4, rtol=0)
     assert exempt <= 2  # the tolerance excuses the odd row, not the comparison
+    # Stage 0 throughput counts real tokens over all DP ranks; the rest of the rows is padding
+    timing = json.loads((stores / f"stores/{layout}" / TIMING_RECORD).read_text())
+    positions = np.minimum(TokenDataset(stores / "tokens").lengths - 1, SEQ)
+    rows = len(pack_lengths(positions, SEQ)) if layout == "packed" else 11
+    assert layout != "packed" or rows < 11  # packing saved rows
+    assert timing["tokens"] == positions.sum() and timing["padding_fraction"] == pytest.approx(
+        1 - positions.sum() / (rows * SEQ))
 
 
 @pytest.mark.multiproc
@@ -152,7 +164,8 @@ def test_select_records_masks_vocab_padding_and_equals_dynamic_topk():
     settings = CollectSettings(tau=TAU, k_max=4, strategy="all", amount=1.0, buckets=1, seed=0, store_logits=None,
                                micro_batch_size=2, seq_length=6)
     expected_logits = logits[..., :vocab].clone()
-    records = select_records(logits, labels, loss_mask, torch.tensor([5, -1]), settings, vocab_size=vocab)
+    records = select_records(logits, labels, loss_mask, torch.tensor([[5, 0, 0, 6], [-1, 1, 0, 6]]), settings,
+                             vocab_size=vocab)
     assert [r.sample_id for r in records] == [5]  # the -1 row is a filler
     (r,) = records
     assert r.positions.tolist() == [2, 3, 4] and torch.equal(r.targets, labels[0, 2:5])

@@ -169,6 +169,24 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run_exactly(single_rank_ru
 
 
 @pytest.mark.multiproc
+def test_tokens_per_second_counts_real_tokens_only(config_path, single_rank_runs):
+    from pathlib import Path
+
+    from replay_megatron.data.dataset import train_micro_batches
+    from replay_megatron.data.token_store import TokenDataset
+
+    ds = TokenDataset(Path(config_path).parent / "tokens")
+    g, seq = 4, ds.seq_length
+    for r in single_rank_runs["uninterrupted"]["metrics"]:
+        rows = next(train_micro_batches(len(ds), g, 1, 0, seed=7, consumed_samples=(r["step"] - 1) * g))
+        real = sum(min(ds.lengths[i] - 1, seq) for i in rows)
+        assert 0 < real < g * seq
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(real)
+        assert r["padding_fraction"] == pytest.approx(1 - real / (g * seq))
+
+
+
+@pytest.mark.multiproc
 def test_bf16_weights_checkpoint_and_resume_exactly(single_rank_runs):
     ref, resumed = single_rank_runs["bf16"], single_rank_runs["bf16_resumed"]
     assert ref["summary"]["status"] == "completed" and len(ref["metrics"]) == 6

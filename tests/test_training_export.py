@@ -47,7 +47,8 @@ def test_sentencepiece_export_encodes_any_text_to_the_same_ids(sp_model, exporte
 def test_sentencepiece_export_renders_the_training_template(sp_model, exported_tokenizer, prompt, response):
     sp, hf = SentencePieceTokenizer(sp_model), load_tokenizer(exported_tokenizer[0])
     assert hf.encode_prompt(prompt) == sp.encode_prompt(prompt)
-    assert hf.encode_instruction(prompt, response) == sp.encode_instruction(prompt, response)
+    turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    assert hf.encode_chat(turn) == sp.encode_chat(turn)
     assert exported_tokenizer[1] == {"bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id, "pad_token_id": sp.pad_id}
 
 

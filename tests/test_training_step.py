@@ -39,7 +39,7 @@ def replay_micro_batches(hf, batches, k=6):
                 others = others[others != t][: size - 1]
                 cands[i, :size] = torch.cat([torch.tensor([t]), others])[torch.randperm(size, generator=g)]
             records[sid] = FakeRecord(keep, gold, cands)
-    return [ReplayMicroBatch(b, replay_targets(b.sample_ids, b.labels, records.__getitem__,
+    return [ReplayMicroBatch(b, replay_targets(b.segments, b.labels, records.__getitem__,
                                                vocab_size=hf["vocab_size"])) for b in batches]
 
 

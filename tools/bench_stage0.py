@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
                 def on_output(logits: torch.Tensor, i: int) -> None:
                     b = batches[i]
-                    for r in select_records(logits, b.labels, b.loss_mask, b.sample_ids, settings,
+                    for r in select_records(logits, b.labels, b.loss_mask, b.segments, settings,
                                             vocab_size=args.vocab):
                         writer.add(r.sample_id, r.positions, r.targets, r.selection)
 

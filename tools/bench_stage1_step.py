@@ -51,7 +51,7 @@ def _replay_batch(batch, vocab: int, candidates: int, device: torch.device):
                 rows.append(torch.cat([torch.tensor([gold]), others]))
             self.candidates = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
 
-    targets = replay_targets(batch.sample_ids, batch.labels, Record, vocab_size=vocab).to(device)
+    targets = replay_targets(batch.segments, batch.labels, Record, vocab_size=vocab).to(device)
     return ReplayMicroBatch(batch.to(device), targets)
 
 

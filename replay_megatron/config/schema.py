@@ -94,12 +94,19 @@ class ParallelSection(Section):
 
 
 class PreprocessSection(Section):
-    train_input: str | None = Field(None, description="raw training data for `preprocess`: JSONL instruction "
-                                                      "data or plain text")
+    train_input: str | None = Field(None, description="raw training data for `preprocess`: JSONL / JSON / Parquet "
+                                                      "records (see format) or plain text")
     eval_input: str | None = Field(None, description="raw held-out data for `preprocess` (optional)")
-    format: Literal["instruction", "text"] = Field("instruction", description="instruction = JSONL "
-                                                   "{prompt, response}, loss on responses (chat template); "
-                                                   "text = plain text, loss on every token")
+    format: Literal["instruction", "chat", "alpaca", "sharegpt", "text"] = Field(
+        "instruction", description="instruction {prompt, response}, chat {messages}, alpaca {instruction, input, "
+                                   "output}, sharegpt {conversations}: loss on the assistant turns (chat template); "
+                                   "text = plain text, loss on every token")
+    map: list[str] = Field(default_factory=list, description="field renames NAME=FIELD (`preprocess --map`)")
+    loss_on: Literal["all", "last"] = Field("all", description="train on every assistant turn or the last one")
+    enable_thinking: bool | None = Field(None, description="enable_thinking for the chat template (Qwen3); "
+                                                           "None = the template's default")
+    truncation: Literal["tail", "drop"] = Field("tail", description="a sample longer than seq_length + 1 keeps its "
+                                                                    "loss-bearing tail, or is dropped")
 
 
 class DataSection(Section):
@@ -107,6 +114,8 @@ class DataSection(Section):
     eval: str | None = Field(None, description="held-out token store dir for perplexity (optional)")
     seq_length: int = Field(4096, ge=8, description="tokens per sample (paper: 4096)")
     tokenizer: str | None = Field(None, description="HF tokenizer dir or sentencepiece .model file")
+    packing: StrictBool = Field(False, description="several samples per seq_length row (block-diagonal attention, "
+                                                   "positions restarting per sample); batch sizes then count rows")
 
 
 class PositionsSection(Section):

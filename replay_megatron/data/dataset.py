@@ -1,15 +1,19 @@
 """From a token store to Megatron GPT micro-batches: the batch layout, the epoch order, the DP sharding.
 
 Batch layout (Megatron's GPT convention). A stored sample `ids[0..L-1]` (L <= seq_length + 1) with its
-stored mask `m` (m[j] = 1: token j is a target) becomes, in row b of a [b, s] batch (s = seq_length):
+stored mask `m` (m[j] = 1: token j is a target) fills the L - 1 columns [c, c + L - 1) of a row b of a
+[b, s] batch (s = seq_length; c = 0 unless several samples share the row, see packing.py):
 
-    tokens[b, t]    = ids[t]                     t < L - 1, else pad_id
-    labels[b, t]    = ids[t + 1]                 the token position t must predict; pad_id past the end
-    loss_mask[b, t] = m[t + 1]                   1.0 iff labels[b, t] is a loss-bearing target; 0 on padding
-    position_ids[b, t] = t
+    tokens[b, c + t]    = ids[t]                 t < L - 1; pad_id in columns no sample fills
+    labels[b, c + t]    = ids[t + 1]             the token position t must predict
+    loss_mask[b, c + t] = m[t + 1]               1.0 iff that label is a loss-bearing target; 0 on padding
+    position_ids[b, c + t] = t                   the position inside the sample
+    segments[k]         = (sample id, b, c, L - 1)   one line per sample of the batch
 
 so position t's label is the token at t + 1 and the loss mask at t refers to that label. Padding is on
-the right; with causal attention it cannot influence real positions, so no attention mask is needed.
+the right of each row and continues the last sample's positions; with causal attention it cannot
+influence real positions. A row holding several samples needs the block-diagonal causal mask
+(models/qwen3.py) so that no sample attends to another.
 
 Sample order and DP sharding. Training reads an endless stream of sample indices: epoch e is the
 permutation `epoch_order(n, seed, e)`, epochs concatenated, so stream position p holds
@@ -39,31 +43,58 @@ class GPTBatch:
     labels: torch.Tensor  # [b, s]
     loss_mask: torch.Tensor  # [b, s]
     position_ids: torch.Tensor  # [b, s]
-    sample_ids: torch.Tensor  # [b]
+    segments: torch.Tensor  # [n, 4]: sample id, row, first column, real positions
 
     def to(self, device: torch.device | str) -> GPTBatch:
         """The batch on `device` (built on the host, it reaches an accelerator once, through pinned memory)."""
         return GPTBatch(*(host_to_device(getattr(self, f.name), device) for f in fields(self)))
 
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        """[n] the batch's sample ids, in row order."""
+        return self.segments[:, 0]
+
+    @property
+    def packed(self) -> bool:
+        """Whether some row holds several samples (known from shapes alone: no device sync)."""
+        return self.segments.shape[0] != self.tokens.shape[0]
+
 
 def make_batch(samples: Sequence[Mapping], seq_length: int, pad_id: int) -> GPTBatch:
     """Stack `samples` (TokenDataset items) into a right-padded [len(samples), seq_length] GPTBatch."""
-    b = len(samples)
+    return make_rows_batch([[s] for s in samples], seq_length, pad_id)
+
+
+def make_rows_batch(rows: Sequence[Sequence[Mapping]], seq_length: int, pad_id: int) -> GPTBatch:
+    """A [len(rows), seq_length] GPTBatch whose row b holds the samples rows[b] one after the other."""
+    b = len(rows)
     tokens = torch.full((b, seq_length), pad_id, dtype=torch.int64)
     labels = torch.full((b, seq_length), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((b, seq_length), dtype=torch.float32)
-    for row, s in enumerate(samples):
-        ids, mask = np.asarray(s["tokens"], dtype=np.int64), np.asarray(s["loss_mask"], dtype=np.float32)
-        if len(ids) > seq_length + 1:
-            raise ValueError(f"sample {s['sample_id']} has {len(ids)} tokens, more than seq_length + 1 = "
-                             f"{seq_length + 1}; preprocess with --seq-length {seq_length}")
-        n = max(len(ids) - 1, 0)
-        tokens[row, :n] = torch.from_numpy(ids[:n])
-        labels[row, :n] = torch.from_numpy(ids[1:])
-        loss_mask[row, :n] = torch.from_numpy(mask[1:])
-    position_ids = torch.arange(seq_length, dtype=torch.int64).expand(b, seq_length).contiguous()
-    sample_ids = torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64)
-    return GPTBatch(tokens, labels, loss_mask, position_ids, sample_ids)
+    position_ids = torch.arange(seq_length, dtype=torch.int64).repeat(b, 1)
+    segments = []
+    for row, samples in enumerate(rows):
+        column = 0
+        for s in samples:
+            ids, mask = np.asarray(s["tokens"], dtype=np.int64), np.asarray(s["loss_mask"], dtype=np.float32)
+            n = max(len(ids) - 1, 0)
+            if column + n > seq_length:
+                raise ValueError(f"sample {s['sample_id']} has {len(ids)} tokens, more than seq_length + 1 = "
+                                 f"{seq_length + 1}; preprocess with --seq-length {seq_length}" if not column else
+                                 f"sample {s['sample_id']} takes {n} positions, more than the {seq_length - column} "
+                                 f"left in its row")
+            tokens[row, column:column + n] = torch.from_numpy(ids[:n])
+            labels[row, column:column + n] = torch.from_numpy(ids[1:])
+            loss_mask[row, column:column + n] = torch.from_numpy(mask[1:])
+            position_ids[row, column:] = torch.arange(seq_length - column)  # padding continues the last sample
+            segments.append((int(s["sample_id"]), row, column, n))
+            column += n
+    return GPTBatch(tokens, labels, loss_mask, position_ids, torch.tensor(segments, dtype=torch.int64).view(-1, 4))
+
+
+def real_positions(lengths: np.ndarray, seq_length: int) -> int:
+    """Positions of seq_length-long rows that hold a token, for samples of these stored lengths (make_batch)."""
+    return int(np.clip(np.asarray(lengths, dtype=np.int64) - 1, 0, seq_length).sum())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

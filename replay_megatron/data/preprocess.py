@@ -1,87 +1,64 @@
-"""`preprocess`: JSONL instruction data or plain text -> a token store (see token_store.py) with loss masks.
+"""`preprocess`: SFT data (JSON Lines, JSON, Parquet; see formats.py) or plain text -> a token store.
 
-Input formats:
-- `instruction`: JSON Lines, one object per line with string fields "prompt" and "response" and an
-  optional "id" (string or integer; default "<file name>:<line>"). Extra fields are ignored. Loss mask:
-  the response tokens and EOS (the tokenizer's template, see tokenizer.py).
-- `text`: one sample per non-blank line, encoded as `encode(line) + [eos]`, loss on every token that has
-  a previous token (SPEC.md section 1: for plain text every position with a next token is loss-bearing).
+Input formats: the record shapes of formats.py (`instruction`, `chat`, `alpaca`, `sharegpt`), each a
+conversation encoded by the tokenizer's chat template with loss on the assistant turns (chat.py); and
+`text`: one sample per non-blank line, encoded as `encode(line) + [eos]`, loss on every token that has a
+previous token (SPEC.md section 1: for plain text every position with a next token is loss-bearing).
 
-A sample longer than `seq_length + 1` tokens keeps its first `seq_length + 1` (a batch then holds
-`seq_length` inputs and `seq_length` labels); the count is reported and stored in meta.json, as is the
-number of samples left with no loss-bearing token.
+Length: a stored sample holds at most `seq_length + 1` tokens (a batch row: `seq_length` inputs and
+labels). A longer sample is, by `truncation`, cut to its loss-bearing tail (the window of
+`seq_length + 1` tokens ending at its last loss-bearing token: the prompt's head goes first) or dropped.
+A sample left without a loss-bearing token is dropped. All three are counted in meta.json, per input
+and in total. Every input is read and checked before the store is published (nothing is written on an
+error); the store's padding fraction (row slots that hold no token when each sample fills one row of
+`seq_length`) is recorded too.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from replay_megatron.data.chat import ChatOptions
+from replay_megatron.data.formats import SHAPES, DataError, count_records, read_records, text_lines
 from replay_megatron.data.token_store import TokenDataset, TokenStoreWriter, is_token_store
 from replay_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
-FORMATS = ("instruction", "text")
+FORMATS = (*SHAPES, "text")
 MODES = ("create", "append", "overwrite")
+TRUNCATIONS = ("tail", "drop")
+COUNTS = ("truncated", "dropped_too_long", "dropped_without_loss")
+
+__all__ = ["DataError", "FORMATS", "MODES", "TRUNCATIONS", "fit_to_length", "preprocess"]
 
 
-class DataError(ValueError):
-    """Bad input data or a refused operation; the message names the file (and line) and the problem."""
+def fit_to_length(ids: list[int], mask: list[int], seq_length: int,
+                  truncation: str) -> tuple[list[int], list[int], str | None]:
+    """(ids, mask, what happened): None (kept as is), "truncated", "dropped_too_long" or
+    "dropped_without_loss" (then ids and mask are empty)."""
+    n, outcome = seq_length + 1, None
+    if len(ids) > n:
+        if truncation == "drop":
+            return [], [], "dropped_too_long"
+        loss = [j for j, m in enumerate(mask) if m]
+        end = loss[-1] + 1 if loss else n
+        start = max(0, end - n)
+        ids, mask = ids[start:end], [0, *mask[start + 1:end]]  # the first token predicts nothing
+        outcome = "truncated"
+    if not any(mask):
+        return [], [], "dropped_without_loss"
+    return ids, mask, outcome
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a JSON Lines file; DataError names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def instruction_records(path: str | Path) -> Iterator[tuple[int, str, tuple[str, str]]]:
-    """(line number, string id, (prompt, response)) per line of an instruction JSONL file."""
-    path = Path(path)
-    for lineno, obj in read_jsonl(path):
-        for field in ("prompt", "response"):
-            if field not in obj:
-                raise DataError(f"{path}:{lineno}: missing field {field!r} (present: {', '.join(sorted(obj))})")
-            if not isinstance(obj[field], str):
-                raise DataError(f"{path}:{lineno}: field {field!r} must be a string, got {type(obj[field]).__name__}")
-        sid = obj.get("id", f"{path.name}:{lineno}")
-        if not isinstance(sid, (str, int)) or isinstance(sid, bool):
-            raise DataError(f"{path}:{lineno}: field 'id' must be a string or an integer, got {type(sid).__name__}")
-        yield lineno, str(sid), (obj["prompt"], obj["response"])
-
-
-def text_records(path: str | Path) -> Iterator[tuple[int, str, str]]:
-    """(line number, string id "<file name>:<line>", line) per non-blank line of a text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield lineno, f"{path.name}:{lineno}", line
-
-
-def encode_sample(tok: Tokenizer, fmt: str, payload: Any) -> tuple[list[int], list[int]]:
+def encode_sample(tok: Tokenizer, kind: str, payload: Any, options: ChatOptions) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 = this token is a target) of one record."""
-    if fmt == "instruction":
-        return tok.encode_instruction(*payload)
+    if kind == "chat":
+        return tok.encode_chat(payload, options)
     ids = [*tok.encode(payload), tok.eos_id]
     return ids, [0] + [1] * (len(ids) - 1)
 
@@ -94,7 +71,7 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tok = load_tokenizer(tokenizer_path)
 
 
-def _encode_in_worker(job: tuple[str, Any]) -> tuple[list[int], list[int]]:
+def _encode_in_worker(job: tuple[str, Any, ChatOptions]) -> tuple[list[int], list[int]]:
     assert _worker_tok is not None
     return encode_sample(_worker_tok, *job)
 
@@ -128,72 +105,112 @@ def _open_writer(out: Path, tok: Tokenizer, tokenizer_path: str, seq_length: int
     return TokenStoreWriter(out, base=base)
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+@dataclass
+class _Source:
+    """Counts for one input file."""
+
+    path: Path
+    first_id: int
+    num_samples: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
 
-def preprocess(input_path: str | Path, tokenizer_path: str | Path, out_dir: str | Path, seq_length: int,
-               fmt: str = "instruction", workers: int = 1, mode: str = "create",
-               progress: bool | None = None) -> dict[str, Any]:
-    """Tokenize `input_path` into the token store `out_dir`; returns the store's meta (see token_store.py).
+def _records(path: Path, fmt: str, mapping: dict[str, str] | None) -> Iterator[tuple[str, str, str, Any]]:
+    """(where, string id, encoding kind, payload) per record of one input."""
+    if fmt == "text":
+        for where, sid, line in text_lines(path):
+            yield where, sid, "text", line
+    else:
+        for r in read_records(path, fmt, mapping):
+            yield r.where, r.sid, "chat", r.messages
+
+
+def preprocess(inputs: str | Path | Sequence[str | Path], tokenizer_path: str | Path, out_dir: str | Path,
+               seq_length: int, fmt: str = "instruction", workers: int = 1, mode: str = "create",
+               progress: bool | None = None, mapping: dict[str, str] | None = None,
+               chat: ChatOptions = ChatOptions(), truncation: str = "tail") -> dict[str, Any]:
+    """Tokenize `inputs` (in order) into the token store `out_dir`; returns the store's meta (token_store.py).
 
     `mode`: "create" (refuse an existing store), "append" (add samples after the existing ones; the
-    tokenizer and seq_length must match), "overwrite". `progress=None` shows a bar only on a terminal.
+    tokenizer and seq_length must match), "overwrite". `mapping` renames fields (formats.parse_map);
+    `chat` says which turns are trained; `truncation`: "tail" or "drop" (module doc).
+    `progress=None` shows a bar only on a terminal.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if seq_length < 1:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
-    input_path, out = Path(input_path), Path(out_dir)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input file not found: {input_path}")
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file not found: {', '.join(missing)}")
+    out = Path(out_dir)
     tok = load_tokenizer(tokenizer_path)
     writer = _open_writer(out, tok, str(tokenizer_path), seq_length, mode)
     old_meta = writer.base_meta
-    first_id = writer.num_samples
-    seen = {sid: i for i, sid in enumerate(writer.string_ids)}
-    truncated = without_loss = 0
-    records = instruction_records(input_path) if fmt == "instruction" else text_records(input_path)
-    pending: list[str] = []
+    seen = {sid: f"sample {i} of the store" for i, sid in enumerate(writer.string_ids)}
+    sources: list[_Source] = []
+    pending: list[tuple[str, _Source]] = []
 
-    def jobs() -> Iterator[tuple[str, Any]]:
-        for lineno, sid, payload in records:
-            if sid in seen:
-                raise DataError(f"{input_path}:{lineno}: duplicate sample id {sid!r} "
-                                f"(already sample {seen[sid]} of the store)")
-            seen[sid] = first_id + len(pending)
-            pending.append(sid)
-            yield fmt, payload
+    def jobs() -> Iterator[tuple[str, Any, ChatOptions]]:
+        for path in paths:
+            source = _Source(path, writer.num_samples)
+            sources.append(source)
+            empty = True
+            for where, sid, kind, payload in _records(path, fmt, mapping):
+                if sid in seen:
+                    raise DataError(f"{where}: duplicate sample id {sid!r} (already {seen[sid]})")
+                seen[sid], empty = f"at {where}", False
+                pending.append((sid, source))
+                yield kind, payload, chat
+            if empty:
+                raise DataError(f"{path}: no samples")
 
     pool = multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
     try:
         encoded = pool.imap(_encode_in_worker, jobs(), chunksize=64) if pool else \
             (encode_sample(tok, *job) for job in jobs())
-        with tqdm(encoded, total=_count_lines(input_path), desc=f"preprocess {input_path.name}", unit="sample",
+        total = sum(count_records(p) or 0 for p in paths) or None
+        with tqdm(encoded, total=total, desc=f"preprocess {paths[0].name}", unit="sample",
                   disable=None if progress is None else not progress) as bar:
             for k, (ids, mask) in enumerate(bar):
-                if len(ids) > seq_length + 1:
-                    ids, mask = ids[:seq_length + 1], mask[:seq_length + 1]
-                    truncated += 1
-                without_loss += not any(mask)
-                writer.add(pending[k], ids, mask)
-        if writer.num_samples == first_id:
-            raise DataError(f"{input_path}: no samples")
-        tokenizer_info = {"kind": tok.kind, "path": str(tokenizer_path), "fingerprint": tok.fingerprint(),
-                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
-        source = {"path": str(input_path), "sha256": _sha256_file(input_path), "format": fmt,
-                  "first_sample_id": first_id, "num_samples": writer.num_samples - first_id,
-                  "truncated": truncated, "samples_without_loss": without_loss}
-        return writer.close({
-            "tokenizer": tokenizer_info, "seq_length": seq_length,
-            "truncated": old_meta.get("truncated", 0) + truncated,
-            "samples_without_loss": old_meta.get("samples_without_loss", 0) + without_loss,
-            "sources": [*old_meta.get("sources", []), source],
-        })
+                sid, source = pending[k]
+                ids, mask, outcome = fit_to_length(ids, mask, seq_length, truncation)
+                if outcome is not None:
+                    source.counts[outcome] += 1
+                if ids:
+                    writer.add(sid, ids, mask)
+                    source.num_samples += 1
+        if writer.num_samples == 0:
+            raise DataError(f"{', '.join(map(str, paths))}: no samples left ({_summary(sources)})")
+        return writer.close(_meta(tok, str(tokenizer_path), seq_length, fmt, mapping, chat, truncation,
+                                  old_meta, sources, writer))
     except BaseException:
         writer.abort()
         raise
     finally:
         if pool is not None:
             pool.terminate()
+
+
+def _summary(sources: list[_Source]) -> str:
+    return ", ".join(f"{sum(s.counts[k] for s in sources)} {k.replace('_', ' ')}" for k in COUNTS)
+
+
+def _meta(tok: Tokenizer, tokenizer_path: str, seq_length: int, fmt: str, mapping: dict[str, str] | None,
+          chat: ChatOptions, truncation: str, old_meta: dict[str, Any], sources: list[_Source],
+          writer: TokenStoreWriter) -> dict[str, Any]:
+    n, positions = writer.num_samples, writer.num_tokens - writer.num_samples  # a sample of L tokens fills L - 1
+    meta = {
+        "tokenizer": {"kind": tok.kind, "path": tokenizer_path, "fingerprint": tok.fingerprint(),
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+        "seq_length": seq_length, "padding_fraction": 1.0 - positions / (n * seq_length),
+        "sources": [*old_meta.get("sources", []), *(
+            {"path": str(s.path), "sha256": _sha256_file(s.path), "format": fmt, "map": dict(mapping or {}),
+             "chat": chat.as_dict(), "truncation": truncation, "first_sample_id": s.first_id,
+             "num_samples": s.num_samples, **s.counts} for s in sources)],
+    }
+    meta.update({k: old_meta.get(k, 0) + sum(s.counts[k] for s in sources) for k in COUNTS})
+    return meta

@@ -1,18 +1,20 @@
 """Tokenizers behind one small interface: a sentencepiece model file or a Hugging Face tokenizer directory.
 
-`encode_instruction(prompt, response)` returns the ids of one training sample and its loss mask, 1 on
-exactly the tokens the model must learn to produce (the response and the end-of-sequence token);
-`encode_prompt(prompt)` is the prefix a generator starts from, so training and inference see the same
-ids. `fingerprint()` is the sha256 of the tokenizer files, stored with every artifact built from token
+`encode_chat(messages, options)` returns the ids of one training conversation and its loss mask, 1 on
+exactly the tokens the model must learn to produce (the assistant turns and their end-of-sequence
+tokens; see chat.py for the options); `encode_prompt(prompt)` is the prefix a generator starts from, so
+training and inference see the same ids. `fingerprint()` is the sha256 of the tokenizer files, stored with every artifact built from token
 ids so that a mismatched tokenizer is refused rather than silently mixed.
 
 Sentencepiece instruction template (special tokens are control symbols, so no text can produce them):
 
     <s> <|user|> {prompt} <|assistant|> {response} </s>        loss mask: 1 on {response} and </s>
 
-Hugging Face: the tokenizer's own chat template renders [user, assistant]; the prompt part is the render
-of [user] with the generation prompt, and the mask is 1 from there up to and including the first EOS
-(anything the template puts after EOS, such as a newline, is kept with mask 0).
+and for more turns `<|user|> {prompt} <|assistant|> {response} </s>` again (it has no system role).
+
+Hugging Face: the tokenizer's own chat template (chat.py): each assistant turn runs from the end of the
+generation prompt up to and including the first EOS (anything the template puts after EOS, such as a
+newline, is kept with mask 0), or as the template's `{% generation %}` marks say.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from replay_megatron.atomic_io import atomic_write_bytes
+from replay_megatron.data.chat import ChatOptions, encode_chat_hf, mask_from_spans, select_turns
 
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 # Files that define a Hugging Face tokenizer; a checkpoint directory's weights are not part of it.
@@ -45,7 +48,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def encode_prompt(self, prompt: str) -> list[int]: ...
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]: ...
+    def encode_chat(self, messages: list[dict[str, str]],
+                    options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]: ...
     def fingerprint(self) -> str: ...
 
 
@@ -89,9 +93,20 @@ class SentencePieceTokenizer:
     def encode_prompt(self, prompt: str) -> list[int]:
         return [self.bos_id, self.user_id, *self.encode(prompt), self.assistant_id]
 
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        head, tail = self.encode_prompt(prompt), [*self.encode(response), self.eos_id]
-        return head + tail, [0] * len(head) + [1] * len(tail)
+    def encode_chat(self, messages: list[dict[str, str]],
+                    options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]:
+        ids, spans = [self.bos_id], []
+        for m in messages:
+            if m["role"] == "user":
+                ids += [self.user_id, *self.encode(m["content"]), self.assistant_id]
+            elif m["role"] == "assistant":
+                answer = [*self.encode(m["content"]), self.eos_id]
+                spans.append((len(ids), len(ids) + len(answer)))
+                ids += answer
+            else:
+                raise ValueError(f"the sentencepiece template has no {m['role']!r} role (only user and assistant); "
+                                 f"use a Hugging Face tokenizer with a chat template for system prompts")
+        return ids, mask_from_spans(len(ids), select_turns(spans, options))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._model_bytes).hexdigest()
@@ -120,28 +135,16 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def encode_prompt(self, prompt: str) -> list[int]:
         if not self.tok.chat_template:
             raise ValueError(f"tokenizer at {self.path} has no chat_template; instruction data needs one "
                              f"(or preprocess with --format text)")
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True))
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.encode(self._render([{"role": "user", "content": prompt}], True))
-
-    def encode_instruction(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        user = [{"role": "user", "content": prompt}]
-        head = self._render(user, True)
-        full = self._render(user + [{"role": "assistant", "content": response}], False)
-        if not full.startswith(head):
-            raise ValueError(f"chat template of {self.path} does not render the conversation as "
-                             f"generation prompt + answer, so the response tokens cannot be located")
-        head_ids, tail_ids = self.encode(head), self.encode(full[len(head):])
-        if self.eos_id not in tail_ids:
-            tail_ids.append(self.eos_id)
-        n_target = tail_ids.index(self.eos_id) + 1
-        mask = [0] * len(head_ids) + [1] * n_target + [0] * (len(tail_ids) - n_target)
-        return head_ids + tail_ids, mask
+    def encode_chat(self, messages: list[dict[str, str]],
+                    options: ChatOptions = ChatOptions()) -> tuple[list[int], list[int]]:
+        return encode_chat_hf(self.tok, messages, options, self.eos_id, self.path)
 
     def fingerprint(self) -> str:
         return _sha256_files([self.root / n for n in HF_TOKENIZER_FILES if (self.root / n).is_file()], self.root)

@@ -133,11 +133,18 @@ def demo_steps(out: Path, *, quick: bool = False, seed: int | None = None, seeds
             stores[dst] = f"preprocess-{dst.name}"
             steps.append(Step(stores[dst], ("preprocess", *(a for p in raw for a in ("--input", str(p))),
                                             "--tokenizer", str(tokenizer), "--out", str(dst), "--overwrite",
-                                            "--seq-length", str(cfg.data.seq_length), "--format",
-                                            cfg.preprocess.format, "--no-progress"),
+                                            "--seq-length", str(cfg.data.seq_length), *preprocess_options(cfg),
+                                            "--no-progress"),
                               outputs=(dst,), complete=lambda: (dst / "meta.json").is_file(),
                               after=("data", "data-pretrain-domain")))
         return [stores[dst]]
+
+    def preprocess_options(cfg) -> tuple[str, ...]:
+        p = cfg.preprocess
+        thinking = () if p.enable_thinking is None else ("--enable-thinking" if p.enable_thinking else
+                                                         "--no-enable-thinking",)
+        return ("--format", p.format, *(a for m in p.map for a in ("--map", m)), "--loss-on", p.loss_on,
+                *thinking, "--truncation", p.truncation)
 
     def inputs(cfg, extra: tuple[Path, ...] = ()) -> tuple[str, ...]:
         train = [cfg.input_path(cfg.preprocess.train_input), *extra] if cfg.preprocess.train_input else []

@@ -10,15 +10,18 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from replay_megatron.models.qwen3 import causal_attention_mask
+from replay_megatron.models.qwen3 import causal_attention_mask, packed_attention_mask
 
 
 def pipeline_forward(model: torch.nn.Module, micro_batches: list[torch.Tensor],
-                     on_output: Callable[[torch.Tensor, int], object]) -> list:
+                     on_output: Callable[[torch.Tensor, int], object],
+                     packed_positions: list[torch.Tensor | None] | None = None) -> list:
     """Run `model` forward-only over micro-batches of token ids [b, s] with megatron's pipeline schedule.
 
     On the last pipeline stage `on_output(output, index)` receives the model output ([b, s, V/TP] logits)
     of micro-batch `index` and its results are returned in order; other stages return [].
+    `packed_positions[i]`, where given, are the position ids of micro-batch i's packed rows (several
+    samples per row: the block-diagonal mask); otherwise one sample per row.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -33,7 +36,9 @@ def pipeline_forward(model: torch.nn.Module, micro_batches: list[torch.Tensor],
     def forward_step(data_iterator, chunk):
         tokens = next(data_iterator)
         index = next(counter)
-        output = chunk(tokens, position_ids[: tokens.shape[0]], mask)
+        packed = packed_positions[index] if packed_positions else None
+        output = chunk(tokens, position_ids[: tokens.shape[0]], mask) if packed is None else \
+            chunk(tokens, packed, packed_attention_mask(packed))
         return output, lambda out, non_loss_data=True: on_output(out, index)
 
     with torch.no_grad():

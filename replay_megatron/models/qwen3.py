@@ -137,3 +137,23 @@ def build_stage(hf: Mapping[str, Any], layout, *, params_dtype: str = "fp32", vo
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Megatron's boolean attention mask ([1, 1, s, s], True = masked) for causal LM."""
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask ([b, 1, s, s], True = masked) of rows holding several samples, each
+    starting at position id 0 (data/dataset.py): a position sees only earlier positions of its own sample.
+
+    The local spec applies it as given (its softmax is unfused); Transformer Engine's fused attention
+    would take its own causal mask instead, so packing refuses that spec (`check_packing_supported`).
+    """
+    segment = (position_ids == 0).cumsum(dim=1)
+    s = position_ids.shape[1]
+    return causal_attention_mask(s, position_ids.device) | (segment[:, None, :, None] != segment[:, None, None, :])
+
+
+def check_packing_supported() -> None:
+    """Packed rows need the block-diagonal mask, which only the local spec applies."""
+    if transformer_engine_usable():
+        raise ValueError("data.packing=true needs megatron-core's local layer spec, but Transformer Engine is "
+                         "installed and would be used: its fused attention ignores the block-diagonal mask "
+                         "(megatron's packed-sequence parameters are not wired up yet)")

@@ -58,46 +58,51 @@ class SampleRecords(NamedTuple):
     selection: TopKSelection
 
 
-def _flatten(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, position) pairs of per-row position lists, for gathering [N, V_local] logit rows."""
+def _flatten(rows: list[int], starts: list[int], per_sample: list[torch.Tensor],
+             device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) index pairs of per-sample position lists, for gathering [N, V_local] logit rows."""
     empty = [torch.empty(0, dtype=torch.int64)]
-    row_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(per_row)] or empty)
-    return host_to_device(row_of, device), host_to_device(torch.cat(per_row or empty), device)
+    row_of = torch.cat([torch.full((len(p),), r, dtype=torch.int64) for r, p in zip(rows, per_sample)] or empty)
+    columns = torch.cat([p + c for c, p in zip(starts, per_sample)] or empty)
+    return host_to_device(row_of, device), host_to_device(columns, device)
 
 
-def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, sample_ids: torch.Tensor,
+def select_records(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, segments: torch.Tensor,
                    settings: CollectSettings, *, vocab_size: int, vocab_start: int = 0,
                    tp_group=None) -> list[SampleRecords]:
     """SPEC.md section 1 for one micro-batch: positions per sample, then dynamic Top-K on all chosen rows.
 
     `logits` [b, s, V_local] (this TP rank's shard in the model's dtype, modified in place: vocab padding ->
     -inf; selection works in fp32 on the gathered rows only), `labels` (on the logits' device) and
-    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `sample_ids` [b] (-1 = filler row; these two best
-    on the host, where positions are chosen). A collective on `tp_group`: every TP rank must call it with
-    the same batch.
+    `loss_mask` [b, s] in `dataset.make_batch`'s layout, `segments` [n, 4] (sample id, row, first column,
+    length; a sample id of -1 marks filler; these two best on the host, where positions are chosen).
+    Positions are those inside each sample, so packed and unpacked batches give the same records. A
+    collective on `tp_group`: every TP rank must call it with the same batch.
     """
     mask_vocab_padding(logits, vocab_start, vocab_size)
     host_mask = loss_mask.cpu() > 0  # positions are chosen on the host (a no-op for the host copy collect passes)
-    rows = [(int(sid), host_mask[i].nonzero().squeeze(-1)) for i, sid in enumerate(sample_ids.tolist()) if sid >= 0]
-    confidences = [None] * len(rows)
+    samples = [(sid, row, start, host_mask[row, start:start + n].nonzero().squeeze(-1))
+               for sid, row, start, n in segments.tolist() if sid >= 0]
+    rows, starts = [row for _, row, _, _ in samples], [start for _, _, start, _ in samples]
+    confidences = [None] * len(samples)
     if settings.strategy == "bucket":
-        row_of, positions = _flatten([pos for _, pos in rows], logits.device)
-        c = gold_probability(logits[row_of, positions], labels[row_of, positions], vocab_start=vocab_start,
+        row_of, columns = _flatten(rows, starts, [pos for *_, pos in samples], logits.device)
+        c = gold_probability(logits[row_of, columns], labels[row_of, columns], vocab_start=vocab_start,
                              tp_group=tp_group).cpu().numpy()
-        confidences = np.split(c, np.cumsum([len(pos) for _, pos in rows])[:-1])
+        confidences = np.split(c, np.cumsum([len(pos) for *_, pos in samples])[:-1])
     chosen = [torch.from_numpy(select_positions(settings.strategy, pos.numpy(), sample_id=sid, seed=settings.seed,
                                                 amount=settings.amount, confidences=conf,
                                                 buckets=settings.buckets))
-              for (sid, pos), conf in zip(rows, confidences)]
-    row_of, positions = _flatten(chosen, logits.device)
-    targets = labels[row_of, positions]
-    selection = dynamic_topk(logits[row_of, positions], targets, settings.tau, settings.k_max,
+              for (sid, *_, pos), conf in zip(samples, confidences)]
+    row_of, columns = _flatten(rows, starts, chosen, logits.device)
+    targets = labels[row_of, columns]
+    selection = dynamic_topk(logits[row_of, columns], targets, settings.tau, settings.k_max,
                              vocab_start=vocab_start, tp_group=tp_group,
                              return_logits=settings.store_logits is not None)
-    out, start = [], 0
-    for (sid, _), pos in zip(rows, chosen):
-        part = slice(start, start + len(pos))
-        start += len(pos)
+    out, first = [], 0
+    for (sid, *_), pos in zip(samples, chosen):
+        part = slice(first, first + len(pos))
+        first += len(pos)
         out.append(SampleRecords(sid, pos, targets[part], TopKSelection(
             *(None if t is None else t[part] for t in selection))))
     return out

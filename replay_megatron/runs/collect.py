@@ -33,12 +33,14 @@ from megatron.core import parallel_state as ps
 
 from replay_megatron.atomic_io import atomic_write_json
 from replay_megatron.config import model_hf_config
-from replay_megatron.data.dataset import batch_of, sequential_micro_batches
+from replay_megatron.data.dataset import real_positions, sequential_micro_batches
+from replay_megatron.data.packing import row_source
 from replay_megatron.data.token_store import TokenDataset
 from replay_megatron.data.tokenizer import load_tokenizer
 from replay_megatron.models.forward import pipeline_forward, schedule_chunks
 from replay_megatron.models.sources import build_loaded_stage
 from replay_megatron.platform.device import host_to_device
+from replay_megatron.platform.exact_sum import all_reduce_float64
 from replay_megatron.platform.writer_lock import held_by_rank0
 from replay_megatron.replay.fingerprint import model_fingerprint
 from replay_megatron.replay.records import (START_RECORD, TIMING_RECORD, CollectSettings, check_start_record,
@@ -108,11 +110,13 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
     is_writer = layout.is_last_stage and layout.tp_rank == 0
     writer = ReplayStoreWriter(store_dir, layout.dp_rank, k_max=settings.k_max, logits_dtype=settings.store_logits,
                                commit_every=commit_every) if is_writer else None
-    index_batches = list(sequential_micro_batches(len(dataset), settings.micro_batch_size, layout.dp, layout.dp_rank))
+    rows = row_source(cfg, dataset)  # samples, or packs of them (data.packing)
+    index_batches = list(sequential_micro_batches(len(rows), settings.micro_batch_size, layout.dp, layout.dp_rank))
     todo = None
     if writer is not None:
         done = writer.committed_sample_ids
-        todo = [] if writer.closed else [m for m, idx in enumerate(index_batches) if not done.issuperset(idx)]
+        todo = [] if writer.closed else [m for m, idx in enumerate(index_batches)
+                                         if not done.issuperset(rows.sample_ids(idx))]
     todo = _share_todo(todo, layout)
     if stop_after is not None:
         todo = todo[:stop_after]
@@ -125,17 +129,24 @@ def collect(cfg, *, world_size: int | None = None, stop_after: int | None = None
                    show=(cfg.logging.progress_bar if progress is None else progress) and layout.rank == 0)
     started = time.perf_counter()
     for ids in schedule_chunks(todo, lambda m: len(index_batches[m]), layout.pp):
-        host = [batch_of(dataset, index_batches[m], settings.seq_length) for m in ids]
+        host = [rows.batch(index_batches[m]) for m in ids]
         on_output = _store_callback(host, settings, writer, vocab_size=hf["vocab_size"],
                                     tp_rank=layout.tp_rank, tp_group=tp_group)
-        pipeline_forward(model, [host_to_device(b.tokens, device) for b in host], on_output)
+        pipeline_forward(model, [host_to_device(b.tokens, device) for b in host], on_output,
+                         [host_to_device(b.position_ids, device) if b.packed else None for b in host])
         bar.update(len(ids))
     bar.close()
     elapsed = time.perf_counter() - started
     if stop_after is not None:
         return None
+    ran = [r for m in todo for r in index_batches[m]]  # real (non-pad) positions and row positions over DP
+    real, slots = all_reduce_float64(torch.tensor([real_positions(dataset.lengths[rows.sample_ids(ran)],
+                                                                  settings.seq_length),
+                                                   len(ran) * settings.seq_length], dtype=torch.float64,
+                                                  device=device), group=ps.get_data_parallel_group()).tolist()
     timing = {"wall_s": elapsed, "micro_batches": len(todo), "micro_batch_size": settings.micro_batch_size,
-              "seconds_per_micro_batch": elapsed / len(todo) if todo else None}
+              "seconds_per_micro_batch": elapsed / len(todo) if todo else None, "tokens": int(real),
+              "tokens_per_s": real / elapsed if todo else None, "padding_fraction": 1 - real / slots if todo else None}
     if layout.rank == 0 and todo:  # before the shards close: a kill from here on leaves nothing to recompute
         atomic_write_json(store_dir / TIMING_RECORD, timing)  # (a re-run that computes nothing keeps it)
     if writer is not None:
@@ -155,7 +166,7 @@ def _store_callback(batches: list, settings: CollectSettings, writer: ReplayStor
     def on_output(logits: torch.Tensor, i: int) -> None:
         batch = batches[i]  # on the host: only the labels travel to the logits' device
         records = select_records(logits, host_to_device(batch.labels, logits.device), batch.loss_mask,
-                                 batch.sample_ids, settings,
+                                 batch.segments, settings,
                                  vocab_size=vocab_size, vocab_start=tp_rank * logits.shape[-1], tp_group=tp_group)
         if writer is not None:
             done = writer.committed_sample_ids  # a resumed micro-batch may hold committed samples
@@ -175,6 +186,7 @@ def format_summary(summary: Mapping[str, float | int], store_dir: str | Path) ->
             f"  {s['bytes_per_position']:.1f} bytes per position = {100 * s['fraction_of_fp16_logits']:.3f}% of "
             f"full fp16 logits ({s['bytes']} bytes)"
             + (f"\n  Stage 0 time {s['timing']['wall_s']:.1f} s, {s['timing']['seconds_per_micro_batch']:.3f} s per "
-               f"micro-batch of {s['timing']['micro_batch_size']}"
+               f"micro-batch of {s['timing']['micro_batch_size']}, {s['timing']['tokens_per_s']:.0f} tokens/s "
+               f"(padding {s['timing']['padding_fraction']:.0%} of the rows)"
                if s.get("timing", {}).get("seconds_per_micro_batch") else ""))
 

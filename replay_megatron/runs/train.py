@@ -24,6 +24,7 @@ from replay_megatron import run_dir as layout_of_run
 from replay_megatron.config import check_resume, model_hf_config
 from replay_megatron.config.errors import ConfigError, Problem
 from replay_megatron.config.resolved import config_fingerprint
+from replay_megatron.data.packing import row_source
 from replay_megatron.data.token_store import TokenDataset, is_token_store
 from replay_megatron.models.sources import load_configured_weights
 from replay_megatron.optim.registry import OPTIMIZERS, trainable_optimizers
@@ -53,6 +54,7 @@ class TrainInputs:
     dataset: Any
     store: Any
     total_steps: int
+    rows: Any  # data.packing.RowSource: what a batch row holds
 
 
 def total_steps(cfg, num_samples: int) -> int:
@@ -61,8 +63,9 @@ def total_steps(cfg, num_samples: int) -> int:
         return cfg.train.train_iters
     per_epoch = num_samples // cfg.train.global_batch_size
     if per_epoch == 0:
-        raise ConfigError.of([Problem("train.global_batch_size", f"data.train has {num_samples} samples, fewer "
-                                      "than one global batch; lower it or set train.train_iters",
+        raise ConfigError.of([Problem("train.global_batch_size", f"data.train has {num_samples} rows (samples, or "
+                                      "packs of them with data.packing), fewer than one global batch; lower it "
+                                      "or set train.train_iters",
                                       cfg.train.global_batch_size)])
     return cfg.train.epochs * per_epoch
 
@@ -86,7 +89,8 @@ def preflight(cfg, world_size: int) -> TrainInputs:
         _token_store(cfg, "data.eval")  # fails now rather than at the first evaluation
     store = _open_replay_store(cfg, dataset) if cfg.train.loss == "replay" else None
     check_resume(cfg, cfg.run_dir)
-    return TrainInputs(dataset, store, total_steps(cfg, len(dataset)))
+    rows = row_source(cfg, dataset)
+    return TrainInputs(dataset, store, total_steps(cfg, len(rows)), rows)
 
 
 def _token_store(cfg, key: str):
@@ -134,7 +138,7 @@ def train(cfg, *, world_size: int | None = None, progress: bool | None = None,
     scheduler = build_scheduler(cfg, optimizer, inputs.total_steps)
     checkpointer = _checkpointer(cfg, hf, layout, inputs.total_steps)
     state = checkpointer.start(model, optimizer, scheduler, random_init=random_init)
-    batches = TrainBatches(cfg, inputs.dataset, inputs.store, layout, hf["vocab_size"], state.consumed_samples)
+    batches = TrainBatches(cfg, inputs.rows, inputs.store, layout, hf["vocab_size"], state.consumed_samples)
     objective = objective_for(cfg)
     logger = MetricsLogger(cfg.run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            resume_step=state.step, log_interval=t.log_interval, total_steps=inputs.total_steps,
@@ -218,4 +222,5 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
 def _progress_line(record: dict[str, Any], total: int) -> str:
     loss = "nan (skipped)" if record["skipped"] else f"{record['loss']:.4f}"
     return (f"step {record['step']}/{total} loss {loss} lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
-            f"{record['step_time_s']:.2f} s/step")
+            f"{record['step_time_s']:.2f} s/step {record['tokens_per_s']:.0f} tokens/s "
+            f"(padding {record['padding_fraction']:.0%})")

@@ -41,9 +41,11 @@ class ReplayTargets:
         return ReplayTargets(*moved)
 
 
-def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Callable, *, vocab_size: int,
+def replay_targets(segments: torch.Tensor, labels: torch.Tensor, lookup: Callable, *, vocab_size: int,
                    with_teacher: bool = False) -> ReplayTargets:
-    """Gather the stored records of a micro-batch's samples; `lookup(sample_id)` returns a record with
+    """Gather the stored records of a micro-batch's samples (`segments` [n, 4]: sample id, row, first
+    column, length, as `GPTBatch.segments`: a record's positions are inside its sample, so one store
+    serves packed and unpacked batches); `lookup(sample_id)` returns a record with
     `positions`, `targets` and `candidates` (-1 padded), like `ReplayStore.get`, and with `with_teacher`
     also `candidate_logits` (the store's, kept when Stage 0 ran with collect.store_logits).
 
@@ -57,15 +59,15 @@ def replay_targets(sample_ids: torch.Tensor, labels: torch.Tensor, lookup: Calla
         raise ValueError(f"replay_targets joins on the host: pass the batch's labels before they move to the "
                          f"device (got labels on {labels.device})")
     rows, positions, candidates, targets, teacher = [], [], [], [], []
-    for row, sample_id in enumerate(sample_ids.tolist()):
+    for sample_id, row, start, length in segments.tolist():
         record = lookup(sample_id)
         pos = torch.as_tensor(record.positions, dtype=torch.long)
         gold = torch.as_tensor(record.targets, dtype=torch.long)
-        if pos.numel() and (pos.max() >= labels.shape[1] or not torch.equal(labels[row, pos], gold)):
+        if pos.numel() and (pos.max() >= length or not torch.equal(labels[row, start + pos], gold)):
             raise ValueError(f"replay store record of sample {sample_id} does not match the token data "
                              "(positions or gold tokens differ): was the store collected from this dataset?")
         rows.append(torch.full_like(pos, row))
-        positions.append(pos)
+        positions.append(start + pos)
         candidates.append(torch.as_tensor(record.candidates, dtype=torch.long))
         targets.append(gold)
         if with_teacher:

@@ -23,10 +23,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def step_record(cfg, state: TrainState, result: dict, optimizer, elapsed: float, device) -> dict[str, Any]:
     """The record of the step `state` has just counted, from `train_step`'s result and its wall time."""
-    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    slots = cfg.train.global_batch_size * cfg.data.seq_length
     record = {"step": state.step, "loss": result["loss"], "lr": float(optimizer.param_groups[0]["lr"]),
               "grad_norm": result["grad_norm"], "skipped": result["skipped"], "tokens": result["tokens"],
-              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+              "tokens_per_s": result["real_tokens"] / elapsed, "padding_fraction": 1 - result["real_tokens"] / slots,
+              "step_time_s": elapsed,
               "peak_memory_bytes": peak_memory_bytes(device), "consumed_samples": state.consumed_samples}
     moclip = moclip_of(optimizer)
     if moclip is not None and moclip.last_stats is not None and not result["skipped"]:
