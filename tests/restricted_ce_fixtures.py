@@ -1,11 +1,9 @@
 """Shared helpers of the restricted cross entropy tests: ragged candidate cases, float64 references, gradients."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from replay_megatron.ops import restricted_cross_entropy
-from replay_megatron.ops.restricted_cross_entropy import TorchCandidates
 
 
 def fused_step(hidden, weight, candidates, targets, initial, **kwargs):
@@ -73,9 +71,3 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-@pytest.fixture(params=["sparse", "gather"])
-def torch_path(request, monkeypatch):
-    """Both PyTorch paths on CPU fp32: sparse products (the default) and the chunked gather (the fallback)."""
-    if request.param == "gather":
-        monkeypatch.setattr(TorchCandidates, "_sparse_ok", staticmethod(lambda weight: False))
-    return request.param

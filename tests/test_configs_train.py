@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from replay_megatron.config import load_config
 from replay_megatron.optim.registry import OPTIMIZERS

@@ -12,7 +12,7 @@ import torch
 
 from replay_megatron.ops import renormalized_teacher, restricted_cross_entropy, restricted_kl_divergence
 from replay_megatron.ops.restricted_cross_entropy import TorchCandidates, _select_backend
-from restricted_ce_fixtures import loss_and_grads, make_case, reference_ce, reference_kl, rel_err, torch_path  # noqa: F401, F811 (a pytest fixture)
+from restricted_ce_fixtures import loss_and_grads, make_case, reference_ce, reference_kl, rel_err
 
 
 

@@ -18,7 +18,7 @@ import torch
 
 from replay_megatron.ops import restricted_ce_with_kl, restricted_cross_entropy
 from replay_megatron.platform.spawn import run_local
-from restricted_ce_fixtures import loss_and_grads, make_case, reference_ce, reference_kl, rel_err, torch_path  # noqa: F401, F811 (a pytest fixture)
+from restricted_ce_fixtures import loss_and_grads, make_case, reference_ce, reference_kl, rel_err
 from restricted_ce_fixtures import fused_step
 
 # the module, not the function of the same name that replay_megatron.ops exports

@@ -83,7 +83,6 @@ def tiny_model_and_steps(n_steps: int) -> tuple[dict, dict, list]:
     hf = tiny_hf_config("qwen3-tiny")
     batches = make_micro_batches(hf, n=2 * n_steps)
     return hf, hf_state_dict(tiny_hf_model(hf)), [batches[2 * i: 2 * i + 2] for i in range(n_steps)]
-    return max((p.detach() - ref_params[n].detach()).abs().max().item() for n, p in stage.named_parameters())
 
 
 def collect_job(config_path: str, overrides_list: list[list[str]]) -> None:
