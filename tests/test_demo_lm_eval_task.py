@@ -1,10 +1,12 @@
 """The demo's local lm-eval task: every held-out question becomes 4-way multiple choice with its gold
-answer at `label` and three other answers of its family; the YAML names the JSONL beside it."""
+answer at `label` and three other answers of its family; the task loads the JSONL beside it, wherever
+the directory is."""
 import json
-
-import yaml
+import shutil
 
 from replay_megatron.demo.generate import DemoDataConfig, general_splits
+from lm_eval.tasks import TaskManager, get_task_dict
+
 from replay_megatron.demo.lm_eval_task import CHOICES, TASK_NAME, write_task
 
 
@@ -22,6 +24,8 @@ def test_multiple_choice_docs_hold_the_gold_answer_at_label_among_its_familys(tm
         gold = by_prompt[doc["prompt"]]
         assert doc["choices"][doc["label"]] == gold["response"] and len(set(doc["choices"])) == CHOICES
         assert set(doc["choices"]) <= families[gold["family"]]
-    config = yaml.safe_load((tmp_path / "lm_eval" / f"{TASK_NAME}.yaml").read_text())
-    assert config["task"] == TASK_NAME and config["dataset_kwargs"]["data_files"]["test"] == str(data_file.resolve())
+    moved = shutil.copytree(tmp_path / "lm_eval", tmp_path / "elsewhere")
+    data_file.unlink()  # the copy must read its own JSONL
+    task = get_task_dict([TASK_NAME], TaskManager(include_path=str(moved), include_defaults=False))[TASK_NAME]
+    assert [dict(d) for d in task.test_docs()] == docs
     assert write_task(tmp_path, heldout, seed=0).read_text() == data_file.read_text()  # deterministic

@@ -2,8 +2,9 @@
 
 Each held-out question gets its gold answer and three answers to other questions of the same family
 (arithmetic, strings, look-ups, lists) as choices; lm-eval scores the choice the model finds most likely
-after the chat-templated prompt (`acc`, and `acc_norm` per byte). No hub is needed: the task YAML names
-the local JSONL beside it (an absolute path, as lm-eval resolves `data_files` from the working dir).
+after the chat-templated prompt (`acc`, and `acc_norm` per byte). No hub is needed: the task's
+`custom_dataset` is a loader module beside the YAML that reads the JSONL beside itself (lm-eval would
+resolve a `data_files` path from the working directory), so the files do not depend on where they are.
 """
 from __future__ import annotations
 
@@ -37,12 +38,23 @@ def multiple_choice_docs(samples: Sequence[dict[str, Any]], seed: int) -> list[d
     return docs
 
 
-def task_yaml(data_file: Path) -> str:
-    """lm-eval's task config for the JSONL `data_file`."""
+LOADER = f'''"""Loads {TASK_NAME}.jsonl from beside this file (lm-eval's `custom_dataset` for {TASK_NAME}.yaml)."""
+from pathlib import Path
+
+
+def load(**_):
+    import datasets
+
+    return datasets.load_dataset("json", data_files={{"test": str(Path(__file__).with_name("{TASK_NAME}.jsonl"))}})
+'''
+
+
+def task_yaml() -> str:
+    """lm-eval's task config: the dataset from the loader module beside it (`LOADER`)."""
     return "\n".join([
         f"task: {TASK_NAME}",
         "dataset_path: json",
-        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file.resolve()))}}}}}",
+        f"custom_dataset: !function {TASK_NAME}.load",
         "test_split: test",
         "output_type: multiple_choice",
         'doc_to_text: "{{prompt}}"',
@@ -57,10 +69,11 @@ def task_yaml(data_file: Path) -> str:
 
 
 def write_task(data_dir: Path, heldout: Sequence[dict[str, Any]], seed: int) -> Path:
-    """Write `<data_dir>/lm_eval/` (the JSONL and the task YAML); returns the JSONL's path."""
+    """Write `<data_dir>/lm_eval/` (the JSONL, its loader module and the task YAML); returns the JSONL's path."""
     task_dir = data_dir / TASK_DIR
     data_file = task_dir / f"{TASK_NAME}.jsonl"
     atomic_write_text(data_file, "".join(json.dumps(d, ensure_ascii=False) + "\n"
                                          for d in multiple_choice_docs(heldout, seed)))
-    atomic_write_text(task_dir / f"{TASK_NAME}.yaml", task_yaml(data_file))
+    atomic_write_text(task_dir / f"{TASK_NAME}.py", LOADER)
+    atomic_write_text(task_dir / f"{TASK_NAME}.yaml", task_yaml())
     return data_file
