@@ -226,8 +226,3 @@ def activate() -> None:
         setattr(torch, name, _host_constructor(getattr(torch, name)))
     _Guard().__enter__()  # for the rest of the process, like the CPU adapter's patches
     _ACTIVE = True
-
-
-def is_active() -> bool:
-    """Whether `activate()` has run in this process."""
-    return _ACTIVE
