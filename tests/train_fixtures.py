@@ -59,16 +59,45 @@ def make_micro_batches(hf, n=2, b=2, s=16):
     return out
 
 
-def param_differences(stage, expected_hf_state_dict, hf, layout) -> list:
-    """|difference| per parameter between this rank's trained stage and the same stage loaded from an HF
-    state dict."""
+def stage_from_hf(stage, hf_state_dict, hf, layout) -> dict[str, torch.Tensor]:
+    """The tensors of a stage shaped like this rank's `stage` (its TP shard and pipeline stage) loaded from
+    an HF state dict, keyed by `stage`'s parameter names."""
     from replay_megatron.models.conversion import load_hf_into_model
     from replay_megatron.models.qwen3 import build_model
 
-    reference = build_model(hf, stage.config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
-    load_hf_into_model(reference, expected_hf_state_dict, hf, tp=layout.tp, tp_rank=layout.tp_rank)
-    ref_params = dict(reference.named_parameters())
-    return [(p.detach() - ref_params[n].detach()).abs() for n, p in stage.named_parameters()]
+    carrier = build_model(hf, stage.config, pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
+    load_hf_into_model(carrier, hf_state_dict, hf, tp=layout.tp, tp_rank=layout.tp_rank)
+    return {n: p.detach() for n, p in carrier.named_parameters()}
+
+
+def param_differences(stage, expected_hf_state_dict, hf, layout) -> list:
+    """|difference| per parameter between this rank's trained stage and the same stage loaded from an HF
+    state dict."""
+    reference = stage_from_hf(stage, expected_hf_state_dict, hf, layout)
+    return [(p.detach() - reference[n]).abs() for n, p in stage.named_parameters()]
+
+
+@torch.no_grad()
+def main_grads_to_hf(stage, hf) -> dict[str, torch.Tensor]:
+    """The gradients the optimizer sees (DDP's `main_grad`) of a whole (TP1, PP1) stage, in HF names and
+    layouts: the weight conversion is slicing and permutation, so it maps gradients the same way."""
+    from replay_megatron.models.conversion import model_to_hf
+    from replay_megatron.models.qwen3 import build_model
+
+    carrier = build_model(hf, stage.config, pre_process=True, post_process=True)
+    params = dict(carrier.named_parameters())
+    for name, p in stage.named_parameters():
+        params[name].copy_(p.main_grad)
+    return model_to_hf(carrier, hf)
+
+
+@torch.no_grad()
+def set_main_grads_from_hf(stage, hf_grads, hf, layout) -> None:
+    """Each `main_grad` of this rank's stage := its shard of HF-named logical gradients. A tied output
+    layer's copy on the last stage gets the embedding's, as megatron's embedding all-reduce leaves it."""
+    grads = stage_from_hf(stage, hf_grads, hf, layout)
+    for name, p in stage.named_parameters():
+        p.main_grad.copy_(grads[name])
 
 
 def max_deviation(stage, expected_hf_state_dict, hf, layout) -> float:
