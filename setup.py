@@ -34,8 +34,11 @@ setup(
         "eval": ["lm-eval[hf]>=0.4.9"],
         # Parquet inputs to `preprocess` (pyarrow alone: `datasets` would add pandas, fsspec, the hub client)
         "parquet": ["pyarrow>=14"],
+        # megatron-core's Muon (AdaMuon, MuonClip); on Python < 3.12 see README: Muon baselines
+        "muon": ['emerging-optimizers>=0.2; python_version >= "3.12"', "absl-py>=1.0"],
         "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.90", "triton>=3.0", "tensorboard>=2.12",
-                 "lm-eval[hf]>=0.4.9", "pyarrow>=14"],
+                 "lm-eval[hf]>=0.4.9", "pyarrow>=14", 'emerging-optimizers>=0.2; python_version >= "3.12"',
+                 "absl-py>=1.0"],
     },
     entry_points={"console_scripts": ["replay-megatron=replay_megatron.cli.main:main"]},
 )

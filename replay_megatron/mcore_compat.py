@@ -1,10 +1,14 @@
 """Every difference between the megatron-core versions we support (0.12.x, as pinned by MindSpeed-LLM,
-up to 0.16.1) lives here; the rest of replay-megatron calls these wrappers and never branches on a version.
+up to 0.16.1), and between the `emerging-optimizers` releases its Muon runs on, lives here; the rest of
+replay-megatron calls these wrappers and never branches on a version.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import sys
+import typing
 from typing import Any, Callable, Iterator
 
 import megatron.core
@@ -165,3 +169,70 @@ def grad_stats_group(optimizer: Any) -> Any:
     if hasattr(optimizer, "get_grad_stats_parallel_group"):
         return optimizer.get_grad_stats_parallel_group()
     return optimizer.get_model_parallel_group()  # releases before get_grad_stats_parallel_group
+
+
+class MuonUnavailable(RuntimeError):
+    """megatron-core's Muon cannot be used here; the message says what is missing."""
+
+
+MUON_MIN_VERSION = Version("0.16.0")
+MUON_INSTALL = ("pip install emerging-optimizers absl-py (Python >= 3.12); on Python 3.10/3.11: "
+                "pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py")
+
+
+def megatron_muon() -> Any:
+    """megatron-core's Muon module (`megatron.core.optimizer.muon`, from 0.16) with the `emerging-optimizers`
+    package it runs on imported; `MuonUnavailable` naming what is missing otherwise.
+
+    emerging-optimizers 0.2+ declares Python >= 3.12 but uses nothing newer than `typing.override`; on
+    Python 3.10/3.11 that name is given typing_extensions' identical decorator before the import.
+    """
+    if MCORE_VERSION < MUON_MIN_VERSION:
+        raise MuonUnavailable(f"megatron-core {MCORE_VERSION} has no Muon (optimizer/muon.py arrived in "
+                              f"{MUON_MIN_VERSION}); install megatron-core {MUON_MIN_VERSION}-{MAX_VERSION}")
+    if sys.version_info < (3, 12) and not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    try:
+        importlib.import_module("emerging_optimizers.orthogonalized_optimizers")
+    except ImportError as e:
+        raise MuonUnavailable(f"megatron-core's Muon needs the emerging-optimizers package ({e}): "
+                              f"{MUON_INSTALL}") from e
+    muon = importlib.import_module("megatron.core.optimizer.muon")
+    if not muon.HAVE_EMERGING_OPTIMIZERS:  # imported before emerging-optimizers could be
+        muon = importlib.reload(muon)
+    return muon
+
+
+def muon_unavailable_reason() -> str | None:
+    """Why megatron-core's Muon cannot be used here, or None when it can."""
+    try:
+        megatron_muon()
+    except MuonUnavailable as e:
+        return str(e)
+    return None
+
+
+def newton_schulz_tp(x: Any, *, steps: int, coefficient_type: str, tp_group: Any, partition_dim: int | None,
+                     tp_mode: str) -> Any:
+    """emerging-optimizers' tensor-parallel Newton-Schulz: its `tp_mode` was named `mode` before 0.2 (the
+    release megatron-core 0.16's own Muon calls it with)."""
+    from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz_tp as ns
+
+    mode = {"tp_mode": tp_mode} if "tp_mode" in inspect.signature(ns).parameters else {"mode": tp_mode}
+    return ns(x, steps=steps, coefficient_type=coefficient_type, tp_group=tp_group, partition_dim=partition_dim,
+              **mode)
+
+
+@contextlib.contextmanager
+def muon_optimizer_class(cls: type) -> Iterator[None]:
+    """Within the block, megatron-core's `get_megatron_muon_optimizer` instantiates `cls` (with its
+    TensorParallelMuon arguments) for the 2-D weights instead of its TensorParallelMuon."""
+    muon = megatron_muon()
+    original = muon.TensorParallelMuon
+    muon.TensorParallelMuon = cls
+    try:
+        yield
+    finally:
+        muon.TensorParallelMuon = original

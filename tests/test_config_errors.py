@@ -105,6 +105,14 @@ CASES = {
         "optimizer: {name: adamw, max_angle: 30}", (), None,
         ["optimizer.max_angle = 30.0 (set in run.yaml): optimizer 'adamw' does not read it (it reads betas, "
          "clip_grad, eps, lr"]),
+    "Muon under the distributed optimizer": (
+        "optimizer: {name: muonclip}\nparallel: {distributed_optimizer: true}", (), None,
+        ["parallel.distributed_optimizer = True (set in run.yaml): optimizer 'muonclip' runs on megatron-core's "
+         "Muon, which does not support the distributed optimizer"]),
+    "Muon in fp16": (
+        "optimizer: {name: adamuon}\nmodel: {params_dtype: fp16}", (), None,
+        ["model.params_dtype = 'fp16' (set in run.yaml): optimizer 'adamuon' runs on megatron-core's Muon, "
+         "which does not support fp16"]),
     "invalid YAML": ("optimizer: {lr: [1", (), None, ["run.yaml: not valid YAML"]),
     "duplicate key": ("optimizer: {lr: 1.0e-6}\noptimizer: {name: adamw}", (), None,
                       ["run.yaml: not valid YAML", "duplicate key 'optimizer'"]),

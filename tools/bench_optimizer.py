@@ -11,7 +11,10 @@ MoClip's default path on the device (per-tensor on CPU, in cache-sized blocks; o
 kernels, row "MoClip(fused)", shown only there); AdamW(fused), torch's single-kernel AdamW, is printed for
 context, as is AdamW(per-tensor), torch's default on CPU. The paper's baselines of SPEC.md section 4 that
 run in megatron's optimizer stack follow (one process, whole tensors: MoFO with its per-tensor top-20%
-radix select, TAM and its cosine variant); the ratio is each baseline's step time over AdamW's.
+radix select, TAM and its cosine variant; AdaMuon and Muon as megatron's Muon stack steps them, MegatronMuon
+on the 2-D layer weights and AdamW(foreach) on the embedding and 1-D tensors, Newton-Schulz at
+`--muon-precision`; MuonClip is the Muon row plus one norm and scale of the attention gradients, not
+timed here); the ratio is each baseline's step time over AdamW's.
 
     python tools/bench_optimizer.py --params 100e6 --reps 7
 """
@@ -38,6 +41,25 @@ def transformer_shapes(params: float, hidden: int, ffn: int, vocab: int) -> list
     return [(vocab, hidden)] + layer * layers + [(hidden,)]
 
 
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Steps MegatronMuon (Muon, or AdaMuon with `adaptive`) on the 2-D weights after the first tensor (the
+    embedding) and AdamW(foreach) on the rest, as megatron's Muon stack splits a model."""
+
+    def __init__(self, params: list[torch.Tensor], adaptive: bool, precision: str) -> None:
+        from replay_megatron.optim.muon import MegatronMuon
+
+        matrices = [p for i, p in enumerate(params) if i > 0 and p.dim() == 2]
+        rest = [p for i, p in enumerate(params) if i == 0 or p.dim() != 2]
+        self.parts = [MegatronMuon(matrices, lr=1e-3, weight_decay=0.01, fp32_matmul_prec=precision,
+                                   adaptive=adaptive),
+                      torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.01, foreach=True)]
+        super().__init__(params, {})
+
+    def step(self, closure: None = None) -> None:
+        for part in self.parts:
+            part.step()
+
+
 def step_timer(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], tuple[float, float]]:
     """A function timing one `opt.step()`: (wall seconds, process CPU seconds)."""
     sync = (lambda: None) if device.type == "cpu" else getattr(torch, device.type).synchronize  # cuda, npu
@@ -60,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     ap.add_argument("--vocab", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per optimizer (interleaved)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--muon-precision", default=None, choices=["highest", "high", "medium"],
+                    help="fp32 matmul precision in Newton-Schulz (default: medium, i.e. bf16, on accelerators as "
+                         "megatron; highest on CPU)")
     ap.add_argument("--optimizers", default=None, help="comma-separated rows to run (default: all; each row "
                                                        "holds its own parameters and state)")
     args = ap.parse_args(argv)
@@ -78,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
             p.grad = g  # shared: every optimizer sees the same gradient
         return build(params)
 
+    muon_precision = args.muon_precision or ("highest" if device.type == "cpu" else "medium")
     fused = device.type != "cpu" and fused_kernels() is not None
     default = "per-tensor" if device.type == "cpu" else "fused" if fused else "foreach"
     print(f"MoClip's default path here: {default}"
@@ -92,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         "MoFO (top 20%)": lambda p: MoFO(p, lr=1e-3, weight_decay=0.01, fraction=0.2),
         "TAM": lambda p: TAM(p, lr=1e-3, weight_decay=0.01),
         "TAM(cosine)": lambda p: TAM(p, lr=1e-3, weight_decay=0.01, cos_update=True),
+        "AdaMuon": lambda p: MuonWithAdamW(p, adaptive=True, precision=muon_precision),
+        "Muon (MuonClip)": lambda p: MuonWithAdamW(p, adaptive=False, precision=muon_precision),
     }
     if fused:
         builders["MoClip(fused)"] = lambda p: MoClip(p, lr=1e-3, weight_decay=0.01, fused=True)

@@ -29,6 +29,7 @@ def check_config(cfg: ReplayConfig, world_size: int | None = None) -> list[Probl
     problems += _check_batches(cfg, world_size)
     problems += _check_stages(cfg)
     problems += _check_optimizer_fields(cfg)
+    problems += _check_muon(cfg)
     return problems
 
 
@@ -92,6 +93,21 @@ def _check_optimizer_fields(cfg: ReplayConfig) -> list[Problem]:
     return [Problem(f"optimizer.{field}", f"optimizer {o.name!r} does not read it (it reads "
                                           f"{', '.join(sorted(read - {'name'}))}); remove it", getattr(o, field))
             for field in unread]
+
+
+def _check_muon(cfg: ReplayConfig) -> list[Problem]:
+    """megatron-core's Muon refuses the distributed optimizer and fp16 (its own checks, raised here first)."""
+    if not optimizer_spec(cfg.optimizer.name).muon:
+        return []
+    out = []
+    if cfg.parallel.distributed_optimizer:
+        out.append(Problem("parallel.distributed_optimizer", f"optimizer {cfg.optimizer.name!r} runs on "
+                           "megatron-core's Muon, which does not support the distributed optimizer; set it false",
+                           True))
+    if cfg.model.params_dtype == "fp16":
+        out.append(Problem("model.params_dtype", f"optimizer {cfg.optimizer.name!r} runs on megatron-core's Muon, "
+                           "which does not support fp16 (use bf16 or fp32)", "fp16"))
+    return out
 
 
 def _divisors(n: int) -> list[int]:

@@ -14,7 +14,7 @@ from replay_megatron.config.memory import (MemoryEstimate, collect_memory, full_
 from replay_megatron.config.model_shape import ModelShape, model_shape
 from replay_megatron.config.params import Layout, ParamCounts, make_layout, model_params, rank_params
 from replay_megatron.config.schema import ReplayConfig
-from replay_megatron.optim.registry import OPTIMIZERS, trainable_optimizers
+from replay_megatron.optim.registry import OPTIMIZERS
 
 GIB = 1 << 30
 PAPER_MEDIAN_CANDIDATES = 101  # paper: median |S_t| about 100, plus the gold token
@@ -146,9 +146,9 @@ def _train_lines(plan: Plan) -> list[str]:
     out = [f"Stage 1 (train): loss {c.train.loss}, optimizer {c.optimizer.name}, global batch "
            f"{c.train.global_batch_size} = {n_micro} micro-batches of {mb} x {c.data.seq_length} tokens x DP "
            f"{plan.layout.dp}"]
-    if not OPTIMIZERS[c.optimizer.name].trains:
-        out.append(f"  note: `train` refuses optimizer {c.optimizer.name!r} (not in megatron's optimizer stack yet; "
-                   f"it trains {', '.join(trainable_optimizers())})")
+    if OPTIMIZERS[c.optimizer.name].muon:
+        out.append(f"  note: {c.optimizer.name!r} runs on megatron-core's Muon: `train` needs megatron-core >= 0.16 "
+                   "and the emerging-optimizers package (README: Muon baselines)")
     out += [_memory_line(sp.stage, sp.train, plan.device_memory) for sp in plan.stages]
     return out
 

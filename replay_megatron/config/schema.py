@@ -203,7 +203,8 @@ class OptimizerSection(Section):
     mofo_fraction: float = Field(0.2, gt=0.0, le=1.0, description="MoFO: fraction of entries updated per tensor "
                                                                   "(paper: 0.2)")
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="momentum of Muon (adamuon, muonclip)")
-    qk_clip_threshold: float = Field(100.0, gt=0.0, description="MuonClip QK-clip threshold on max attention logit")
+    attention_clip_grad: float = Field(1.0, gt=0.0, description="MuonClip as the paper ran it: max gradient norm "
+                                                                "of the attention layers (paper silent)")
 
     @field_validator("betas")
     @classmethod

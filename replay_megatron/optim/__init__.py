@@ -1,8 +1,9 @@
 """Optimizers: MoClip (SPEC.md section 3), the plain-optimizer baselines of SPEC.md section 4 (TAM,
 MoFO; Adam-atan2 and "MoClip without atan2" are MoClip settings), their distributed statistics
-(`stats`, `tensor_layout`, `top_k`), the
-builder of megatron-core's optimizer wrappers around them (`build_optimizer`) and the registry of
-config names (`optim.registry`).
+(`stats`, `tensor_layout`, `top_k`), the builder of megatron-core's optimizer wrappers around them
+(`build_optimizer`), AdaMuon and MuonClip on megatron-core's Muon (`muon`, `attention_clip`; imported
+only where used: they need the emerging-optimizers package) and the registry of config names
+(`optim.registry`).
 
 Names are imported on first use, so that the config layer can read `optim.registry` without torch.
 """

@@ -1,4 +1,5 @@
-"""MoClip, AdamW, Adam-atan2, MoFO and TAM inside megatron-core's own optimizer stack (SPEC.md 3-4).
+"""MoClip, AdamW, Adam-atan2, MoFO and TAM inside megatron-core's own optimizer stack (SPEC.md 3-4);
+AdaMuon and MuonClip through megatron-core's Muon stack (`optim.muon`).
 
 `build_optimizer` calls megatron-core's `get_megatron_optimizer(optimizer='adam')` while the inner Adam
 class it instantiates is replaced by a MoClip, MoFO or TAM subclass (`mcore_compat.inner_adam_class`).
@@ -31,7 +32,8 @@ from replay_megatron.optim.tam import TAM
 from replay_megatron.optim.tensor_layout import TensorLayout
 from replay_megatron.optim.stats import GlobalSumsReducer, counts_toward_global_stats
 
-OPTIMIZERS = ("moclip", "adamw", "adam-atan2", "mofo", "tam")
+OPTIMIZERS = ("moclip", "adamw", "adam-atan2", "mofo", "tam", "adamuon", "muonclip")
+MUON_OPTIMIZERS = ("adamuon", "muonclip")  # megatron-core's Muon stack (optim.muon)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,13 +80,19 @@ def build_optimizer(name: str, model_chunks: Sequence[Any], *, lr: float, weight
                     params_dtype: str = "fp32", distributed_optimizer: bool = False,
                     max_angle: float = 45.0, atan2_a: float = 1.0, atan2_b: float = 1.0,
                     mode: str = "paper", eps: Optional[float] = None, mofo_fraction: float = 0.2,
-                    tam_gamma: float = 0.9, tam_variant: str = "plain", **config_kwargs: Any) -> Any:
+                    tam_gamma: float = 0.9, tam_variant: str = "plain", muon_momentum: float = 0.95,
+                    attention_clip_grad: float = 1.0, muon_matmul_precision: str = "medium",
+                    **config_kwargs: Any) -> Any:
     """megatron-core's optimizer wrappers around MoClip, AdamW, Adam-atan2 (MoClip, max_angle=180), MoFO
-    or TAM (`tam_variant` "plain", or "cosine": the update scaled by cos(phi); momentum = betas[0]).
+    or TAM (`tam_variant` "plain", or "cosine": the update scaled by cos(phi); momentum = betas[0]); or
+    megatron-core's Muon stack (`optim.muon`) for AdaMuon (second moment decay betas[1]) and MuonClip
+    (Muon with the attention layers' gradient norm clipped to `attention_clip_grad`), AdamW beside them.
 
-    `model_chunks`: megatron DDP-wrapped model chunks. `eps`: for AdamW and MoFO its epsilon (default
-    1e-8), TAM's damping floor; for MoClip None keeps the atan2 update, a number gives Adam's division
-    ("MoClip without atan2"). `config_kwargs` go to megatron's `OptimizerConfig` as they are (`min_lr`).
+    `model_chunks`: megatron DDP-wrapped model chunks. `eps`: for AdamW, MoFO and AdaMuon its epsilon
+    (default 1e-8), TAM's damping floor; for MoClip None keeps the atan2 update, a number gives Adam's
+    division ("MoClip without atan2"). `muon_matmul_precision`: torch's fp32 matmul precision inside
+    Newton-Schulz ("medium": bf16, megatron's default; "highest": fp32). `config_kwargs` go to megatron's
+    `OptimizerConfig` as they are (`min_lr`).
     """
     from megatron.core.optimizer import OptimizerConfig
 
@@ -99,6 +107,16 @@ def build_optimizer(name: str, model_chunks: Sequence[Any], *, lr: float, weight
         adam_eps=1e-8 if eps is None else eps, clip_grad=clip_grad, bf16=params_dtype == "bf16",
         fp16=params_dtype == "fp16", params_dtype=_DTYPES[params_dtype],
         use_distributed_optimizer=distributed_optimizer, **config_kwargs)
+    if name in MUON_OPTIMIZERS:
+        from replay_megatron.optim.muon import build_muon_optimizer
+
+        # OptimizerConfig's Muon fields (0.16; on 0.12, which has no Muon, build_muon_optimizer refuses)
+        for field, value in dict(muon_momentum=muon_momentum, muon_fp32_matmul_prec=muon_matmul_precision,
+                                 muon_tp_mode="duplicated", muon_use_nesterov=False).items():
+            setattr(config, field, value)
+        return build_muon_optimizer(config, model_chunks, adaptive=name == "adamuon", beta2=betas[1],
+                                    eps=1e-8 if eps is None else eps,
+                                    attention_clip_grad=attention_clip_grad if name == "muonclip" else None)
     if name == "adamw":
         return get_megatron_optimizer(config, list(model_chunks))
     inner_classes = {
@@ -156,4 +174,5 @@ def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
     for step in steps:
         for inner in inner_optimizers(optimizer):
             for state in inner.state.values():
-                state["step"] = torch.tensor(step)
+                if "exp_avg" in state:  # Adam-style states (Muon's momentum takes no step count)
+                    state["step"] = torch.tensor(step)

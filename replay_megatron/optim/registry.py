@@ -2,8 +2,7 @@
 memory estimate and `train`.
 
 Data only, importing nothing from the project, so the config layer can read it without pulling in torch
-or megatron-core. `builder` is the name `optim.megatron.build_optimizer` takes (None: not carried by
-megatron's optimizer stack yet, so `train` refuses it while `plan` still estimates it).
+or megatron-core. `builder` is the name `optim.megatron.build_optimizer` takes.
 """
 from __future__ import annotations
 
@@ -14,26 +13,20 @@ COMMON_FIELDS = frozenset({"name", "lr", "min_lr", "lr_schedule", "warmup_iters"
                            "clip_grad"})
 
 
-# AdaMuon and MuonClip are to be built on megatron-core's own Muon (0.16's optimizer/muon.py, SPEC.md 4).
-_MUON = ("megatron-core's Muon (megatron/core/optimizer/muon.py, 0.16) needs the `emerging-optimizers` package, "
-         "which installs on Python >= 3.12 only; the AdaMuon/MuonClip builders on it are not written yet")
-
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: the optimizer.* fields it reads besides COMMON_FIELDS (a config setting any other is
     refused), its fp32 states per parameter on (2-D transformer matrices, everything else), and how
-    `train` builds it. Where `eps` is a field, `train` passes optimizer.eps (else MoClip keeps its atan2)."""
+    `train` builds it. Where `eps` is a field, `train` passes optimizer.eps (else MoClip keeps its atan2).
+    `muon`: built on megatron-core's Muon (0.16+ with emerging-optimizers; no distributed optimizer, no
+    fp16), which `train` checks before any work."""
 
     name: str
     fields: frozenset[str]
     states: tuple[int, int]
-    builder: str | None = None
-    missing: str = ""  # without a builder: what building it needs, for `train`'s refusal
-
-    @property
-    def trains(self) -> bool:
-        return self.builder is not None
+    builder: str
+    muon: bool = False
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
@@ -45,8 +38,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     # TAM keeps its smoothed cosine in every element of a second state (megatron's checkpointing saves
     # and reshards per-element states only).
     OptimizerSpec("tam", frozenset({"eps", "tam_gamma", "tam_variant"}), (2, 2), "tam"),
-    OptimizerSpec("adamuon", frozenset({"eps", "muon_momentum"}), (2, 2), missing=_MUON),
-    OptimizerSpec("muonclip", frozenset({"muon_momentum", "qk_clip_threshold"}), (1, 2), missing=_MUON),
+    OptimizerSpec("adamuon", frozenset({"eps", "muon_momentum"}), (2, 2), "adamuon", muon=True),
+    OptimizerSpec("muonclip", frozenset({"muon_momentum", "attention_clip_grad"}), (1, 2), "muonclip", muon=True),
 )}
 
 
@@ -55,8 +48,3 @@ def optimizer_spec(name: str) -> OptimizerSpec:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name]
-
-
-def trainable_optimizers() -> list[str]:
-    """The names `train` builds in megatron-core's optimizer stack."""
-    return [name for name, spec in OPTIMIZERS.items() if spec.trains]

@@ -27,7 +27,8 @@ from replay_megatron.config.resolved import config_fingerprint
 from replay_megatron.data.packing import row_source
 from replay_megatron.data.token_store import TokenDataset, is_token_store
 from replay_megatron.models.sources import load_configured_weights
-from replay_megatron.optim.registry import OPTIMIZERS, trainable_optimizers
+from replay_megatron.mcore_compat import muon_unavailable_reason
+from replay_megatron.optim.registry import OPTIMIZERS
 from replay_megatron.platform.writer_lock import held_by_rank0
 from replay_megatron.replay.fingerprint import model_fingerprint
 from replay_megatron.replay.store import ReplayStore
@@ -73,10 +74,10 @@ def total_steps(cfg, num_samples: int) -> int:
 def preflight(cfg, world_size: int) -> TrainInputs:
     """Every check that needs files but no devices (see the module doc)."""
     spec = OPTIMIZERS[cfg.optimizer.name]
-    if not spec.trains:
-        raise ConfigError.of([Problem("optimizer.name", f"{spec.name!r} has no builder in megatron's optimizer "
-                                      f"stack yet ({spec.missing}); train supports "
-                                      f"{', '.join(trainable_optimizers())}", spec.name)])
+    unavailable = muon_unavailable_reason() if spec.muon else None
+    if unavailable:
+        raise ConfigError.of([Problem("optimizer.name", f"{spec.name!r} runs on megatron-core's Muon, which this "
+                                      f"environment lacks: {unavailable}", spec.name)])
     if cfg.data.train is None:
         raise ConfigError.of([Problem("data.train", "train needs a token store (`preprocess` output)", None)])
     dataset = _token_store(cfg, "data.train")

@@ -18,7 +18,8 @@ def build_configured_optimizer(cfg, model) -> Any:
                            distributed_optimizer=cfg.parallel.distributed_optimizer, max_angle=o.max_angle,
                            atan2_a=o.atan2_a, atan2_b=o.atan2_b, mode=o.clip_mode,
                            eps=o.eps if "eps" in spec.fields else None, mofo_fraction=o.mofo_fraction,
-                           tam_gamma=o.tam_gamma, tam_variant=o.tam_variant, min_lr=o.min_lr)
+                           tam_gamma=o.tam_gamma, tam_variant=o.tam_variant, muon_momentum=o.muon_momentum,
+                           attention_clip_grad=o.attention_clip_grad, min_lr=o.min_lr)
 
 
 def build_scheduler(cfg, optimizer, steps: int) -> Any:

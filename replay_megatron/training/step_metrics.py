@@ -1,4 +1,5 @@
-"""One line of `metrics.jsonl` per optimizer step (`run_dir.METRIC_KEYS`, MoClip's statistics, replay's K_t)."""
+"""One line of `metrics.jsonl` per optimizer step (`run_dir.METRIC_KEYS`, MoClip's statistics, MuonClip's
+attention gradient norm, replay's K_t)."""
 from __future__ import annotations
 
 from typing import Any
@@ -34,6 +35,9 @@ def step_record(cfg, state: TrainState, result: dict, optimizer, elapsed: float,
         s = moclip.last_stats.as_floats()
         record.update(cos_phi=s["cos_phi"], clipped=bool(s["clipped"]), clip_rate=s["clip_rate"],
                       grad_norm_clipped=s["clipped_grad_norm"])
+    attention_clip = getattr(optimizer, "attention_clip", None)  # MuonClip: the norm before its clip
+    if attention_clip is not None and not result["skipped"]:
+        record["attention_grad_norm"] = attention_clip.last_norm
     return record
 
 
