@@ -94,12 +94,14 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2",
                                     "parallel.pipeline_model_parallel_size=2"])
 def test_pipeline_runs_under_the_guard(tmp_path, layout):
-    """collect, train (replay + MoClip, replay + KL, full + AdamW) and eval run with the CPU as an
+    """collect, train (replay + MoClip, replay + KL, full + AdamW, replay + AdaMuon / MuonClip) and eval run with the CPU as an
     accelerator; the guard changes no number (replay run guarded == unguarded, bit for bit)."""
     config = str(make_training_root(tmp_path))
     common = [layout, "collect.store_logits=fp16", "train.eval_interval=3"]
     _cli(tmp_path, "collect", config, *common, "--no-progress", nproc=2, guard=True)
-    runs = {"replay": [], "kl": ["train.kl_weight=0.5"], "full": ["train.loss=full", "optimizer.name=adamw"]}
+    runs = {"replay": [], "kl": ["train.kl_weight=0.5"], "full": ["train.loss=full", "optimizer.name=adamw"],
+            "adamuon": ["optimizer.name=adamuon", "train.train_iters=2"],
+            "muonclip": ["optimizer.name=muonclip", "train.train_iters=2"]}
     for name, extra in runs.items():
         _cli(tmp_path, "train", config, *common, *extra, f"run.name={name}", nproc=2, guard=True)
     _cli(tmp_path, "eval", config, *common, "run.name=replay", nproc=2, guard=True)
