@@ -13,7 +13,6 @@ COMMON_FIELDS = frozenset({"name", "lr", "min_lr", "lr_schedule", "warmup_iters"
                            "clip_grad"})
 
 
-
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: the optimizer.* fields it reads besides COMMON_FIELDS (a config setting any other is
